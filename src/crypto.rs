@@ -1,0 +1,268 @@
+//! Randomness, hashing and encryption at rest.
+//!
+//! Everything secret that the broker stores (refresh and ID tokens in PostgreSQL, access tokens and
+//! pending logins in Redis) is sealed with AES-256-GCM under the first key of
+//! `BROKER_ENCRYPTION_KEYS`; every configured key can open. A sealed value carries the id of the key
+//! that sealed it, and the caller passes associated data (the row or key it belongs to) so that a
+//! ciphertext copied to another row does not open there.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce as AesNonce};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+const NONCE_LEN: usize = 12;
+
+/// 256 bits from the operating system's CSPRNG, base64url without padding (43 characters).
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// `BASE64URL(SHA256(value))`, as PKCE S256 and the login binding use.
+pub fn sha256_base64url(value: &str) -> String {
+    URL_SAFE_NO_PAD.encode(sha256(value.as_bytes()))
+}
+
+/// One 32-byte AES-256 key. Its `Debug` shows only the key id.
+#[derive(Clone)]
+pub struct EncryptionKey {
+    id: String,
+    bytes: [u8; 32],
+}
+
+impl EncryptionKey {
+    /// Parses standard base64 (padding optional) of exactly 32 bytes.
+    pub fn from_base64(encoded: &str) -> Result<Self, String> {
+        let decoded = STANDARD
+            .decode(encoded.trim())
+            .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded.trim()))
+            .map_err(|_| "is not valid base64".to_string())?;
+        let bytes: [u8; 32] = decoded
+            .try_into()
+            .map_err(|v: Vec<u8>| format!("decodes to {} bytes, 32 are needed", v.len()))?;
+        Ok(Self::from_bytes(bytes))
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        // The id names the key without revealing it: a hash under a fixed label, 8 hex digits.
+        let mut hasher = Sha256::new();
+        hasher.update(b"token-broker key id v1\0");
+        hasher.update(bytes);
+        let digest = hasher.finalize();
+        let id = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        Self { id, bytes }
+    }
+
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        OsRng.fill_bytes(&mut bytes);
+        Self::from_bytes(bytes)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key as standard base64, the form `BROKER_ENCRYPTION_KEYS` takes.
+    pub fn secret_base64(&self) -> String {
+        STANDARD.encode(self.bytes)
+    }
+}
+
+impl std::fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncryptionKey(id={}, [redacted])", self.id)
+    }
+}
+
+/// A ciphertext and the id of the key that sealed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub key_id: String,
+    /// nonce (12 bytes) followed by the AES-GCM ciphertext and tag.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    #[error("sealed under key {0}, which is not configured")]
+    UnknownKey(String),
+    #[error("the ciphertext is malformed or was tampered with")]
+    Corrupt,
+}
+
+/// The key ring: seals with the first key, opens with any.
+#[derive(Clone)]
+pub struct Cipher {
+    keys: Vec<(String, Aes256Gcm)>,
+}
+
+impl std::fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("Cipher").field("key_ids", &ids).finish()
+    }
+}
+
+impl Cipher {
+    /// `keys` must not be empty; configuration guarantees it.
+    pub fn new(keys: &[EncryptionKey]) -> Self {
+        let keys = keys
+            .iter()
+            .map(|key| (key.id.clone(), Aes256Gcm::new(&key.bytes.into())))
+            .collect();
+        Self { keys }
+    }
+
+    pub fn current_key_id(&self) -> &str {
+        self.keys.first().map(|(id, _)| id.as_str()).unwrap_or("")
+    }
+
+    pub fn seal(&self, plaintext: &[u8], associated_data: &[u8]) -> Sealed {
+        let Some((key_id, cipher)) = self.keys.first() else {
+            return Sealed {
+                key_id: String::new(),
+                bytes: Vec::new(),
+            };
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        let payload = Payload {
+            msg: plaintext,
+            aad: associated_data,
+        };
+        // AES-GCM encryption fails only for inputs of ~64 GiB; treat that as impossible.
+        let ciphertext = cipher
+            .encrypt(&AesNonce::from(nonce), payload)
+            .unwrap_or_default();
+        let mut bytes = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        bytes.extend_from_slice(&nonce);
+        bytes.extend_from_slice(&ciphertext);
+        Sealed {
+            key_id: key_id.clone(),
+            bytes,
+        }
+    }
+
+    pub fn open(&self, sealed: &Sealed, associated_data: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let (_, cipher) = self
+            .keys
+            .iter()
+            .find(|(id, _)| *id == sealed.key_id)
+            .ok_or_else(|| OpenError::UnknownKey(sealed.key_id.clone()))?;
+        if sealed.bytes.len() < NONCE_LEN {
+            return Err(OpenError::Corrupt);
+        }
+        let (nonce, ciphertext) = sealed.bytes.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| OpenError::Corrupt)?;
+        let payload = Payload {
+            msg: ciphertext,
+            aad: associated_data,
+        };
+        cipher
+            .decrypt(&AesNonce::from(nonce), payload)
+            .map_err(|_| OpenError::Corrupt)
+    }
+
+    /// Seals into one printable string, `<key id>.<base64url>`, for Redis values.
+    pub fn seal_to_string(&self, plaintext: &[u8], associated_data: &[u8]) -> String {
+        let sealed = self.seal(plaintext, associated_data);
+        format!("{}.{}", sealed.key_id, URL_SAFE_NO_PAD.encode(sealed.bytes))
+    }
+
+    pub fn open_string(&self, text: &str, associated_data: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let (key_id, encoded) = text.split_once('.').ok_or(OpenError::Corrupt)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(encoded)
+            .map_err(|_| OpenError::Corrupt)?;
+        self.open(
+            &Sealed {
+                key_id: key_id.to_string(),
+                bytes,
+            },
+            associated_data,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_tokens_are_256_bits_and_distinct() {
+        let (a, b) = (random_token(), random_token());
+        assert_eq!(a.len(), 43);
+        assert_ne!(a, b);
+        assert_eq!(URL_SAFE_NO_PAD.decode(&a).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn pkce_s256_matches_rfc_7636_appendix_b() {
+        assert_eq!(
+            sha256_base64url("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+
+    #[test]
+    fn seals_with_first_key_and_opens_with_any() {
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let before = Cipher::new(std::slice::from_ref(&old));
+        let sealed = before.seal(b"refresh-token", b"row-1");
+        assert_eq!(sealed.key_id, old.id());
+        assert!(!sealed.bytes.windows(13).any(|w| w == b"refresh-token"));
+
+        let rotated = Cipher::new(&[new.clone(), old.clone()]);
+        assert_eq!(rotated.open(&sealed, b"row-1").unwrap(), b"refresh-token");
+        assert_eq!(rotated.seal(b"x", b"").key_id, new.id());
+
+        let without_old = Cipher::new(&[new]);
+        assert_eq!(
+            without_old.open(&sealed, b"row-1"),
+            Err(OpenError::UnknownKey(old.id().to_string()))
+        );
+    }
+
+    #[test]
+    fn associated_data_and_tampering_are_detected() {
+        let cipher = Cipher::new(&[EncryptionKey::generate()]);
+        let mut sealed = cipher.seal(b"secret", b"row-1");
+        assert_eq!(cipher.open(&sealed, b"row-2"), Err(OpenError::Corrupt));
+        let last = sealed.bytes.len() - 1;
+        sealed.bytes[last] ^= 1;
+        assert_eq!(cipher.open(&sealed, b"row-1"), Err(OpenError::Corrupt));
+        assert_eq!(cipher.open_string("nokey", b""), Err(OpenError::Corrupt));
+        assert_eq!(cipher.open_string("abc.!!!", b""), Err(OpenError::Corrupt));
+    }
+
+    #[test]
+    fn string_form_round_trips() {
+        let cipher = Cipher::new(&[EncryptionKey::generate()]);
+        let text = cipher.seal_to_string(b"access", b"k");
+        assert_eq!(cipher.open_string(&text, b"k").unwrap(), b"access");
+    }
+
+    #[test]
+    fn key_parsing_names_the_problem() {
+        assert!(EncryptionKey::from_base64("not base64!")
+            .unwrap_err()
+            .contains("base64"));
+        assert!(EncryptionKey::from_base64("AAAA")
+            .unwrap_err()
+            .contains("3 bytes"));
+        let key = EncryptionKey::generate();
+        let parsed = EncryptionKey::from_base64(&key.secret_base64()).unwrap();
+        assert_eq!(parsed.id(), key.id());
+        assert!(!format!("{key:?}").contains(&key.secret_base64()));
+    }
+}
