@@ -1,0 +1,377 @@
+//! In-memory implementations of the store traits, for `token-broker dev` and unit tests.
+//!
+//! Same semantics as Redis and PostgreSQL (single-use pending logins, tombstones, TTLs on the
+//! injected clock), none of the durability: everything is gone when the process ends, and a
+//! second replica would not see it. `serve` never uses them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{
+    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, SessionCache,
+    SessionRecord, SessionRepository, SessionSummary, StoreError,
+};
+use crate::clock::Clock;
+use crate::crypto::random_token;
+use crate::domain::{IdToken, RefreshToken, SessionIdHash, State};
+
+enum CacheEntry {
+    Live(CachedSession),
+    Ended,
+}
+
+#[derive(Default)]
+struct Maps {
+    pending: HashMap<String, (PendingLogin, DateTime<Utc>)>,
+    cache: HashMap<SessionIdHash, (CacheEntry, DateTime<Utc>)>,
+    access_tokens: HashMap<SessionIdHash, (CachedAccessToken, DateTime<Utc>)>,
+    locks: HashMap<SessionIdHash, (String, DateTime<Utc>)>,
+    seen: HashMap<String, DateTime<Utc>>,
+    sessions: HashMap<SessionIdHash, SessionRecord>,
+}
+
+/// All three stores in one process-local map set.
+#[derive(Clone)]
+pub struct MemoryStore {
+    maps: Arc<Mutex<Maps>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryStore {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            maps: Arc::default(),
+            clock,
+        }
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn remove_where(&self, matches: impl Fn(&SessionRecord) -> bool) -> Vec<SessionIdHash> {
+        let mut maps = self.maps();
+        let hashes: Vec<SessionIdHash> = maps
+            .sessions
+            .values()
+            .filter(|r| matches(r))
+            .map(|r| r.id_hash)
+            .collect();
+        for hash in &hashes {
+            maps.sessions.remove(hash);
+        }
+        hashes
+    }
+
+    fn deadline(&self, ttl: Duration) -> DateTime<Utc> {
+        self.clock.now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
+#[async_trait]
+impl LoginStore for MemoryStore {
+    async fn put_pending(
+        &self,
+        state: &State,
+        login: &PendingLogin,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = self.deadline(ttl);
+        self.maps()
+            .pending
+            .insert(state.storage_key(), (login.clone(), deadline));
+        Ok(())
+    }
+
+    async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError> {
+        let now = self.clock.now();
+        let taken = self.maps().pending.remove(&state.storage_key());
+        Ok(taken
+            .filter(|(_, deadline)| *deadline > now)
+            .map(|(login, _)| login))
+    }
+}
+
+#[async_trait]
+impl SessionCache for MemoryStore {
+    async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError> {
+        let now = self.clock.now();
+        Ok(match self.maps().cache.get(hash) {
+            Some((_, deadline)) if *deadline <= now => CacheLookup::Unknown,
+            Some((CacheEntry::Live(session), _)) => CacheLookup::Live(session.clone()),
+            Some((CacheEntry::Ended, _)) => CacheLookup::Ended,
+            None => CacheLookup::Unknown,
+        })
+    }
+
+    async fn put(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = self.deadline(ttl);
+        let now = self.clock.now();
+        let mut maps = self.maps();
+        let ended =
+            matches!(maps.cache.get(hash), Some((CacheEntry::Ended, until)) if *until > now);
+        if !ended {
+            maps.cache
+                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
+        }
+        Ok(())
+    }
+
+    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
+        let deadline = self.deadline(Duration::from_secs(3600));
+        let mut maps = self.maps();
+        maps.cache.insert(*hash, (CacheEntry::Ended, deadline));
+        maps.access_tokens.remove(hash);
+        Ok(())
+    }
+
+    async fn put_access_token(
+        &self,
+        hash: &SessionIdHash,
+        token: &CachedAccessToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = self.deadline(ttl);
+        self.maps()
+            .access_tokens
+            .insert(*hash, (token.clone(), deadline));
+        Ok(())
+    }
+
+    async fn get_access_token(
+        &self,
+        hash: &SessionIdHash,
+    ) -> Result<Option<CachedAccessToken>, StoreError> {
+        let now = self.clock.now();
+        Ok(self
+            .maps()
+            .access_tokens
+            .get(hash)
+            .filter(|(_, deadline)| *deadline > now)
+            .map(|(token, _)| token.clone()))
+    }
+
+    async fn try_lock_refresh(
+        &self,
+        hash: &SessionIdHash,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let now = self.clock.now();
+        let deadline = self.deadline(ttl);
+        let mut maps = self.maps();
+        if maps.locks.get(hash).is_some_and(|(_, until)| *until > now) {
+            return Ok(None);
+        }
+        let token = random_token();
+        maps.locks.insert(*hash, (token.clone(), deadline));
+        Ok(Some(token))
+    }
+
+    async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError> {
+        let mut maps = self.maps();
+        if maps
+            .locks
+            .get(hash)
+            .is_some_and(|(owner, _)| owner == token)
+        {
+            maps.locks.remove(hash);
+        }
+        Ok(())
+    }
+
+    async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let now = self.clock.now();
+        let deadline = self.deadline(ttl);
+        let mut maps = self.maps();
+        if maps.seen.get(id).is_some_and(|until| *until > now) {
+            return Ok(false);
+        }
+        maps.seen.insert(id.to_string(), deadline);
+        Ok(true)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionRepository for MemoryStore {
+    async fn insert(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        self.maps()
+            .sessions
+            .insert(session.id_hash, session.clone());
+        Ok(())
+    }
+
+    async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.maps().sessions.get(hash).cloned())
+    }
+
+    async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut maps = self.maps();
+        let record = maps.sessions.values_mut().find(|record| record.id == id);
+        Ok(record
+            .map(|record| record.last_seen_at = record.last_seen_at.max(last_seen_at))
+            .is_some())
+    }
+
+    async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.maps().sessions.remove(hash))
+    }
+
+    async fn update_tokens(
+        &self,
+        id: Uuid,
+        refresh_token: Option<&RefreshToken>,
+        id_token: &IdToken,
+    ) -> Result<bool, StoreError> {
+        let mut maps = self.maps();
+        let record = maps.sessions.values_mut().find(|record| record.id == id);
+        Ok(record
+            .map(|record| {
+                record.refresh_token = refresh_token.cloned();
+                record.id_token = id_token.clone();
+            })
+            .is_some())
+    }
+
+    async fn delete_by_idp_session(
+        &self,
+        sid: &str,
+        sub: Option<&str>,
+    ) -> Result<Vec<SessionIdHash>, StoreError> {
+        Ok(self.remove_where(|record| {
+            record.idp_sid.as_deref() == Some(sid) && sub.is_none_or(|sub| record.user.sub == sub)
+        }))
+    }
+
+    async fn delete_by_subject(&self, sub: &str) -> Result<Vec<SessionIdHash>, StoreError> {
+        Ok(self.remove_where(|record| record.user.sub == sub))
+    }
+
+    async fn list_by_subject(&self, sub: &str) -> Result<Vec<SessionSummary>, StoreError> {
+        let mut sessions: Vec<SessionSummary> = self
+            .maps()
+            .sessions
+            .values()
+            .filter(|record| record.user.sub == sub)
+            .map(|record| SessionSummary {
+                id: record.id,
+                subject: record.user.sub.clone(),
+                idp_sid: record.idp_sid.clone(),
+                created_at: record.created_at,
+                last_seen_at: record.last_seen_at,
+                expires_at: record.expires_at,
+            })
+            .collect();
+        sessions.sort_by_key(|s| s.created_at);
+        Ok(sessions)
+    }
+
+    async fn delete_expired(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<Option<Vec<SessionIdHash>>, StoreError> {
+        let mut maps = self.maps();
+        let expired: Vec<SessionIdHash> = maps
+            .sessions
+            .values()
+            .filter(|r| r.expires_at <= now || r.last_seen_at <= idle_cutoff)
+            .take(usize::try_from(batch).unwrap_or(0))
+            .map(|r| r.id_hash)
+            .collect();
+        for hash in &expired {
+            maps.sessions.remove(hash);
+        }
+        Ok(Some(expired))
+    }
+
+    async fn reseal_batch(&self, _batch: i64) -> Result<u64, StoreError> {
+        // Nothing is sealed in memory.
+        Ok(0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::domain::{AllowedOrigins, Nonce, PkceVerifier, ReturnTo, SessionId, UserClaims};
+
+    fn pending() -> PendingLogin {
+        let origins = AllowedOrigins::parse("https://app.example.com").unwrap();
+        PendingLogin {
+            code_verifier: PkceVerifier::new("v"),
+            nonce: Nonce::new("n"),
+            return_to: ReturnTo::parse("/", &origins).unwrap(),
+            binding_hash: "h".into(),
+            created_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_logins_are_single_use_and_expire() {
+        let clock = ManualClock::new(Utc::now());
+        let store = MemoryStore::new(Arc::new(clock.clone()));
+        let (state, other) = (State::generate(), State::generate());
+        store
+            .put_pending(&state, &pending(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(store.take_pending(&state).await.unwrap().is_some());
+        assert!(store.take_pending(&state).await.unwrap().is_none());
+
+        store
+            .put_pending(&other, &pending(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        clock.advance(chrono::Duration::seconds(61));
+        assert!(store.take_pending(&other).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_is_never_overwritten_by_a_late_put() {
+        let store = MemoryStore::new(Arc::new(ManualClock::new(Utc::now())));
+        let hash = SessionId::generate().hash();
+        let view = CachedSession {
+            id: Uuid::new_v4(),
+            user: UserClaims::select("alice".into(), &serde_json::Map::new()),
+            created_at: Utc::now(),
+            last_seen_at: Utc::now(),
+            expires_at: Utc::now(),
+        };
+        store
+            .put(&hash, &view, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.get(&hash).await.unwrap(),
+            CacheLookup::Live(_)
+        ));
+        store.mark_ended(&hash).await.unwrap();
+        store
+            .put(&hash, &view, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(store.get(&hash).await.unwrap(), CacheLookup::Ended);
+    }
+}

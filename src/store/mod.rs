@@ -1,0 +1,205 @@
+//! Where state lives: the store traits and their Redis and PostgreSQL implementations.
+//!
+//! - [`LoginStore`] (Redis): pending logins, written by `/login`, consumed once by `/callback`.
+//! - [`SessionCache`] (Redis): the token-free view of a session that `/session` reads on every
+//!   page load, plus tombstones of ended sessions so that no replica resurrects them.
+//! - [`SessionRepository`] (PostgreSQL): the source of truth, with tokens sealed at rest.
+//!
+//! Flows depend on the traits only, so the same flow code runs on other implementations.
+
+pub mod memory;
+pub mod postgres;
+pub mod redis;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{
+    AccessToken, IdToken, Nonce, PkceVerifier, RefreshToken, ReturnTo, SessionIdHash, State,
+    UserClaims,
+};
+
+/// A store that could not do its job. Carries the cause for the log; never shown to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    /// Tokens sealed under a key that is no longer configured, or tampered with: the session
+    /// cannot be used and must end (cleanly, as a 401).
+    #[error("sealed tokens cannot be opened: {0}")]
+    Sealed(#[from] crate::crypto::OpenError),
+}
+
+/// A login waiting for its callback, stored under its `state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingLogin {
+    pub code_verifier: PkceVerifier,
+    pub nonce: Nonce,
+    pub return_to: ReturnTo,
+    /// SHA-256 of the login-binding cookie, hex.
+    pub binding_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A session as PostgreSQL keeps it.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub id: Uuid,
+    pub id_hash: SessionIdHash,
+    pub user: UserClaims,
+    pub idp_sid: Option<String>,
+    pub id_token: IdToken,
+    pub refresh_token: Option<RefreshToken>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl SessionRecord {
+    pub fn view(&self) -> CachedSession {
+        CachedSession {
+            id: self.id,
+            user: self.user.clone(),
+            created_at: self.created_at,
+            last_seen_at: self.last_seen_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// The token-free part of a session that the hot path needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedSession {
+    pub id: Uuid,
+    pub user: UserClaims,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// The absolute end (`created_at + BROKER_SESSION_MAX_LIFETIME`).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What the cache knows about a session ID hash.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheLookup {
+    Live(CachedSession),
+    /// The session was ended; do not look further.
+    Ended,
+    /// The cache does not know (never cached, evicted, or Redis was flushed): ask PostgreSQL.
+    Unknown,
+}
+
+#[async_trait]
+pub trait LoginStore: Send + Sync + 'static {
+    async fn put_pending(
+        &self,
+        state: &State,
+        login: &PendingLogin,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError>;
+    /// Returns the pending login and deletes it in one atomic step: a second call finds nothing.
+    async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError>;
+}
+
+#[async_trait]
+pub trait SessionCache: Send + Sync + 'static {
+    async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError>;
+    /// Caches the view unless the session was ended meanwhile (a tombstone is never overwritten).
+    async fn put(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError>;
+    /// Replaces the view with a tombstone that outlives any in-flight re-caching, and drops the
+    /// session's cached access token.
+    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError>;
+    /// Caches a session's access token (sealed at rest) until it expires.
+    /// Caches a session's access token (sealed at rest) for `ttl`.
+    async fn put_access_token(
+        &self,
+        hash: &SessionIdHash,
+        token: &CachedAccessToken,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError>;
+    /// The cached access token, if any (one that does not open counts as none).
+    async fn get_access_token(
+        &self,
+        hash: &SessionIdHash,
+    ) -> Result<Option<CachedAccessToken>, StoreError>;
+    /// Takes the session's refresh lock for `ttl` unless someone holds it; returns the token
+    /// that releases it. The TTL bounds a lock whose holder died.
+    async fn try_lock_refresh(
+        &self,
+        hash: &SessionIdHash,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError>;
+    /// Releases the lock if `token` still owns it (a lock that expired and was retaken is not ours).
+    async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError>;
+    /// Records `id` (e.g. a logout token's `jti`) for `ttl`; false when it was already recorded.
+    async fn remember_once(&self, id: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait SessionRepository: Send + Sync + 'static {
+    async fn insert(&self, session: &SessionRecord) -> Result<(), StoreError>;
+    async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError>;
+    /// Records use (the sliding idle timeout); returns false when the row is gone.
+    async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// Deletes the session; returns the deleted record (its tokens are needed for revocation).
+    async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError>;
+    /// Stores tokens from a refresh, resealed under the current key; false when the row is gone.
+    async fn update_tokens(
+        &self,
+        id: Uuid,
+        refresh_token: Option<&RefreshToken>,
+        id_token: &IdToken,
+    ) -> Result<bool, StoreError>;
+    /// Deletes the sessions of an IdP session (`sid`), restricted to `sub` when given.
+    async fn delete_by_idp_session(
+        &self,
+        sid: &str,
+        sub: Option<&str>,
+    ) -> Result<Vec<SessionIdHash>, StoreError>;
+    /// Deletes every session of a subject.
+    async fn delete_by_subject(&self, sub: &str) -> Result<Vec<SessionIdHash>, StoreError>;
+    async fn list_by_subject(&self, sub: &str) -> Result<Vec<SessionSummary>, StoreError>;
+    /// Deletes up to `batch` sessions that ended before `now` (absolute) or were last seen before
+    /// `idle_cutoff`. `None` when another replica is sweeping right now.
+    async fn delete_expired(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<Option<Vec<SessionIdHash>>, StoreError>;
+    /// Re-seals up to `batch` rows not sealed under the current key; returns how many.
+    async fn reseal_batch(&self, batch: i64) -> Result<u64, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// An access token and when it expires, as the cache keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedAccessToken {
+    pub token: AccessToken,
+    pub expires_at: DateTime<Utc>,
+    /// From this moment the token is refreshed before use (30 s before expiry, or half its
+    /// lifetime for tokens that live less than a minute).
+    pub refresh_at: DateTime<Utc>,
+}
+
+/// A session as the operator's `sessions list` shows it: no token, no cookie.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionSummary {
+    pub id: Uuid,
+    pub subject: String,
+    pub idp_sid: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}

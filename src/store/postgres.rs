@@ -1,0 +1,336 @@
+//! The `sessions` table: the source of truth for every session, on every replica.
+//!
+//! Tokens are sealed with the [`Cipher`] before they reach SQL, with the row's id and the column
+//! name as associated data, so a ciphertext copied into another row or column does not open.
+//! Queries use sqlx's runtime API; each one is exercised by the integration tests against a real
+//! PostgreSQL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{SessionRecord, SessionRepository, SessionSummary, StoreError};
+use crate::crypto::{Cipher, Sealed};
+use crate::domain::{IdToken, RefreshToken, SessionIdHash, UserClaims};
+
+/// The migrations of `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a pool. Connections are made lazily, so start-up does not fail while PostgreSQL is
+/// still coming up; `/readyz` reports it instead.
+pub fn connect_lazy(url: &str) -> Result<PgPool, StoreError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy(url)?)
+}
+
+/// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while it migrates, so
+/// replicas that start at the same moment wait for each other instead of colliding.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+#[derive(Clone)]
+pub struct PgSessionRepository {
+    pool: PgPool,
+    cipher: Cipher,
+}
+
+fn associated_data(id: Uuid, column: &str) -> Vec<u8> {
+    format!("sessions:{id}:{column}").into_bytes()
+}
+
+impl PgSessionRepository {
+    pub fn new(pool: PgPool, cipher: Cipher) -> Self {
+        Self { pool, cipher }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Seals a row's tokens under the current key: (key id, ID token, refresh token).
+    fn seal_tokens(
+        &self,
+        id: Uuid,
+        id_token: &IdToken,
+        refresh_token: Option<&RefreshToken>,
+    ) -> (String, Vec<u8>, Option<Vec<u8>>) {
+        let id_token = self.cipher.seal(
+            id_token.secret().as_bytes(),
+            &associated_data(id, "id_token"),
+        );
+        let refresh_token = refresh_token.map(|token| {
+            self.cipher
+                .seal(
+                    token.secret().as_bytes(),
+                    &associated_data(id, "refresh_token"),
+                )
+                .bytes
+        });
+        (id_token.key_id, id_token.bytes, refresh_token)
+    }
+
+    fn record_from_row(&self, row: &PgRow) -> Result<SessionRecord, StoreError> {
+        let id: Uuid = row.try_get("id")?;
+        let key_id: String = row.try_get("key_id")?;
+        let open = |column: &str, bytes: Vec<u8>| -> Result<String, StoreError> {
+            let sealed = Sealed {
+                key_id: key_id.clone(),
+                bytes,
+            };
+            let plain = self.cipher.open(&sealed, &associated_data(id, column))?;
+            String::from_utf8(plain)
+                .map_err(|_| StoreError::Corrupt(format!("{column} is not UTF-8")))
+        };
+        let id_token = open("id_token", row.try_get("id_token_sealed")?)?;
+        let refresh_token = row
+            .try_get::<Option<Vec<u8>>, _>("refresh_token_sealed")?
+            .map(|bytes| open("refresh_token", bytes))
+            .transpose()?;
+        let hash: Vec<u8> = row.try_get("id_hash")?;
+        let hash: [u8; 32] = hash
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("id_hash is not 32 bytes".into()))?;
+        let claims: sqlx::types::Json<UserClaims> = row.try_get("user_claims")?;
+        Ok(SessionRecord {
+            id,
+            id_hash: SessionIdHash(hash),
+            user: claims.0,
+            idp_sid: row.try_get("idp_sid")?,
+            id_token: IdToken::new(id_token),
+            refresh_token: refresh_token.map(RefreshToken::new),
+            created_at: row.try_get("created_at")?,
+            last_seen_at: row.try_get("last_seen_at")?,
+            expires_at: row.try_get("expires_at")?,
+        })
+    }
+}
+
+/// The advisory-lock key of the expired-session sweep (any constant unique to this application).
+const SWEEP_LOCK: i64 = 0x746b_6272_6f6b_6572; // "tkbroker"
+
+fn hash_from_row(row: &PgRow) -> Result<SessionIdHash, StoreError> {
+    let hash: Vec<u8> = row.try_get("id_hash")?;
+    hash.try_into()
+        .map(SessionIdHash)
+        .map_err(|_| StoreError::Corrupt("id_hash is not 32 bytes".into()))
+}
+
+#[async_trait]
+impl SessionRepository for PgSessionRepository {
+    #[tracing::instrument(skip_all, fields(session = %session.id))]
+    async fn insert(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        let (key_id, id_token, refresh_token) = self.seal_tokens(
+            session.id,
+            &session.id_token,
+            session.refresh_token.as_ref(),
+        );
+        sqlx::query(
+            "INSERT INTO sessions (id, id_hash, subject, idp_sid, user_claims, key_id, id_token_sealed,
+                                   refresh_token_sealed, created_at, last_seen_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(session.id)
+        .bind(session.id_hash.as_bytes())
+        .bind(&session.user.sub)
+        .bind(&session.idp_sid)
+        .bind(sqlx::types::Json(&session.user))
+        .bind(key_id)
+        .bind(id_token)
+        .bind(refresh_token)
+        .bind(session.created_at)
+        .bind(session.last_seen_at)
+        .bind(session.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE id_hash = $1")
+            .bind(hash.as_bytes())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| self.record_from_row(&row)).transpose()
+    }
+
+    async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError> {
+        // GREATEST: replicas touching out of order never move last_seen_at backwards.
+        let result = sqlx::query(
+            "UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(last_seen_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query("DELETE FROM sessions WHERE id_hash = $1 RETURNING *")
+            .bind(hash.as_bytes())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row.map(|row| self.record_from_row(&row)).transpose() {
+            Ok(record) => Ok(record),
+            // The row is gone either way; tokens we cannot open cannot be revoked either.
+            Err(StoreError::Sealed(error)) => {
+                tracing::warn!(%error, "deleted a session whose tokens cannot be opened");
+                Ok(None)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %id))]
+    async fn update_tokens(
+        &self,
+        id: Uuid,
+        refresh_token: Option<&RefreshToken>,
+        id_token: &IdToken,
+    ) -> Result<bool, StoreError> {
+        let (key_id, id_token, refresh_token) = self.seal_tokens(id, id_token, refresh_token);
+        let result = sqlx::query(
+            "UPDATE sessions SET key_id = $2, id_token_sealed = $3, refresh_token_sealed = $4 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(key_id)
+        .bind(id_token)
+        .bind(refresh_token)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn delete_by_idp_session(
+        &self,
+        sid: &str,
+        sub: Option<&str>,
+    ) -> Result<Vec<SessionIdHash>, StoreError> {
+        let rows = sqlx::query(
+            "DELETE FROM sessions WHERE idp_sid = $1 AND ($2::text IS NULL OR subject = $2) RETURNING id_hash",
+        )
+        .bind(sid)
+        .bind(sub)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(hash_from_row).collect()
+    }
+
+    async fn delete_by_subject(&self, sub: &str) -> Result<Vec<SessionIdHash>, StoreError> {
+        let rows = sqlx::query("DELETE FROM sessions WHERE subject = $1 RETURNING id_hash")
+            .bind(sub)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(hash_from_row).collect()
+    }
+
+    async fn list_by_subject(&self, sub: &str) -> Result<Vec<SessionSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, subject, idp_sid, created_at, last_seen_at, expires_at FROM sessions
+             WHERE subject = $1 ORDER BY created_at",
+        )
+        .bind(sub)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SessionSummary {
+                    id: row.try_get("id")?,
+                    subject: row.try_get("subject")?,
+                    idp_sid: row.try_get("idp_sid")?,
+                    created_at: row.try_get("created_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_expired(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<Option<Vec<SessionIdHash>>, StoreError> {
+        // One sweeper at a time across replicas: a transaction-scoped advisory lock, never waited
+        // for. SKIP LOCKED keeps the sweep off rows a request is updating right now.
+        let mut transaction = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(SWEEP_LOCK)
+            .fetch_one(&mut *transaction)
+            .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "DELETE FROM sessions WHERE id IN (
+                 SELECT id FROM sessions WHERE expires_at <= $1 OR last_seen_at <= $2
+                 LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING id_hash",
+        )
+        .bind(now)
+        .bind(idle_cutoff)
+        .bind(batch)
+        .fetch_all(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        rows.iter()
+            .map(hash_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    async fn reseal_batch(&self, batch: i64) -> Result<u64, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.cipher.current_key_id())
+        .bind(batch)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut resealed = 0;
+        for row in &rows {
+            let record = match self.record_from_row(row) {
+                Ok(record) => record,
+                // Under a key that is gone: it can never be opened again; that session ends.
+                Err(StoreError::Sealed(error)) => {
+                    let id: Uuid = row.try_get("id")?;
+                    tracing::warn!(session = %id, %error, "deleting a session no configured key opens");
+                    sqlx::query("DELETE FROM sessions WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *transaction)
+                        .await?;
+                    continue;
+                }
+                Err(other) => return Err(other),
+            };
+            let (key_id, id_token, refresh_token) =
+                self.seal_tokens(record.id, &record.id_token, record.refresh_token.as_ref());
+            sqlx::query("UPDATE sessions SET key_id = $2, id_token_sealed = $3, refresh_token_sealed = $4 WHERE id = $1")
+                .bind(record.id)
+                .bind(key_id)
+                .bind(id_token)
+                .bind(refresh_token)
+                .execute(&mut *transaction)
+                .await?;
+            resealed += 1;
+        }
+        transaction.commit().await?;
+        Ok(resealed)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,283 @@
+//! Every Redis key the broker uses: names, value types and TTLs in one place.
+//!
+//! | key | value | TTL |
+//! |---|---|---|
+//! | `{prefix}login:<sha256(state)>` | pending login, sealed JSON | `BROKER_LOGIN_TTL` |
+//! | `{prefix}session:{<hash>}` | [`CachedSession`] JSON, sealed; or `ended` | until idle/absolute expiry; `ended`: 1 h |
+//! | `{prefix}at:{<hash>}` | access token and its expiry, sealed (`/auth`) | the token's expiry |
+//! | `{prefix}lock:{<hash>}` | the refresh lock: its holder's random token | a bound on one refresh |
+//! | `{prefix}seen:<sha256(id)>` | `1`: a logout token's `jti` already used | until the token could expire |
+//!
+//! `<hash>` is the hex SHA-256 of the session ID, inside `{…}` so that a session's keys share a
+//! Redis Cluster slot. Nothing here is needed for a live session to survive a Redis flush: the
+//! session cache is rebuilt from PostgreSQL on a miss.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{
+    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, SessionCache,
+    StoreError,
+};
+use crate::crypto::{random_token, Cipher};
+use crate::domain::{SessionIdHash, State};
+
+const ENDED: &str = "ended";
+/// How long a tombstone stays: far longer than any request that might re-cache the session.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+
+/// Sets the session view unless a tombstone is there (atomic on the server).
+/// Deletes a lock only while it still holds the caller's token.
+const DELETE_IF_OWNED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+const PUT_UNLESS_ENDED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    prefix: String,
+    cipher: Cipher,
+    put_unless_ended: Script,
+    delete_if_owned: Script,
+}
+
+impl RedisStore {
+    /// Connects (failing fast when Redis does not answer) with bounded command time-outs, so a
+    /// hung Redis turns into an error instead of a hung request.
+    pub async fn connect(url: &str, prefix: &str, cipher: Cipher) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(2)
+            .set_max_delay(500);
+        let connection = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self {
+            connection,
+            prefix: prefix.to_string(),
+            cipher,
+            put_unless_ended: Script::new(PUT_UNLESS_ENDED),
+            delete_if_owned: Script::new(DELETE_IF_OWNED),
+        })
+    }
+
+    fn login_key(&self, state: &State) -> String {
+        format!("{}login:{}", self.prefix, state.storage_key())
+    }
+
+    fn session_key(&self, hash: &SessionIdHash) -> String {
+        format!("{}session:{{{}}}", self.prefix, hash.to_hex())
+    }
+
+    fn refresh_lock_key(&self, hash: &SessionIdHash) -> String {
+        format!("{}lock:{{{}}}", self.prefix, hash.to_hex())
+    }
+
+    fn access_token_key(&self, hash: &SessionIdHash) -> String {
+        format!("{}at:{{{}}}", self.prefix, hash.to_hex())
+    }
+}
+
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl LoginStore for RedisStore {
+    #[tracing::instrument(skip_all)]
+    async fn put_pending(
+        &self,
+        state: &State,
+        login: &PendingLogin,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.login_key(state);
+        let json = serde_json::to_vec(login).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
+        let mut connection = self.connection.clone();
+        let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError> {
+        let key = self.login_key(state);
+        let mut connection = self.connection.clone();
+        // GETDEL: of two concurrent callbacks with the same state, exactly one gets the value.
+        let sealed: Option<String> = connection.get_del(&key).await?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        let json = match self.cipher.open_string(&sealed, key.as_bytes()) {
+            Ok(json) => json,
+            // Sealed under a key no longer configured: as good as expired; a retry works.
+            Err(error) => {
+                tracing::warn!(%error, "pending login cannot be opened");
+                return Ok(None);
+            }
+        };
+        serde_json::from_slice(&json)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("pending login: {e}")))
+    }
+}
+
+#[async_trait]
+impl SessionCache for RedisStore {
+    async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError> {
+        let key = self.session_key(hash);
+        let mut connection = self.connection.clone();
+        let value: Option<String> = connection.get(&key).await?;
+        let sealed = match value.as_deref() {
+            None => return Ok(CacheLookup::Unknown),
+            Some(ENDED) => return Ok(CacheLookup::Ended),
+            Some(sealed) => sealed,
+        };
+        // An entry that does not open (sealed under a key no longer configured) or does not parse
+        // (an older version's) is a miss, not an outage: PostgreSQL decides.
+        let opened = self
+            .cipher
+            .open_string(sealed, key.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()));
+        Ok(match opened {
+            Ok(session) => CacheLookup::Live(session),
+            Err(error) => {
+                tracing::warn!(%error, "unreadable session cache entry; reading PostgreSQL");
+                CacheLookup::Unknown
+            }
+        })
+    }
+
+    async fn put(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.session_key(hash);
+        let json = serde_json::to_vec(session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
+        let mut connection = self.connection.clone();
+        let _: i64 = self
+            .put_unless_ended
+            .key(&key)
+            .arg(sealed)
+            .arg(millis(ttl))
+            .arg(ENDED)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .pset_ex(self.session_key(hash), ENDED, millis(TOMBSTONE_TTL))
+            .ignore()
+            .del(self.access_token_key(hash))
+            .ignore()
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_access_token(
+        &self,
+        hash: &SessionIdHash,
+        token: &CachedAccessToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.access_token_key(hash);
+        let json = serde_json::to_vec(token).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
+        let mut connection = self.connection.clone();
+        let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
+        Ok(())
+    }
+
+    async fn get_access_token(
+        &self,
+        hash: &SessionIdHash,
+    ) -> Result<Option<CachedAccessToken>, StoreError> {
+        let key = self.access_token_key(hash);
+        let mut connection = self.connection.clone();
+        let sealed: Option<String> = connection.get(&key).await?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        // Under a retired key, or unreadable: as if not cached; a refresh replaces it.
+        let opened = self
+            .cipher
+            .open_string(&sealed, key.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()));
+        Ok(opened
+            .map_err(|error| tracing::warn!(%error, "unreadable cached access token"))
+            .ok())
+    }
+
+    async fn try_lock_refresh(
+        &self,
+        hash: &SessionIdHash,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let token = random_token();
+        let mut connection = self.connection.clone();
+        let acquired: Option<String> = redis::cmd("SET")
+            .arg(self.refresh_lock_key(hash))
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async(&mut connection)
+            .await?;
+        Ok(acquired.map(|_| token))
+    }
+
+    async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = self
+            .delete_if_owned
+            .key(self.refresh_lock_key(hash))
+            .arg(token)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = format!(
+            "{}seen:{}",
+            self.prefix,
+            crate::crypto::sha256_base64url(id)
+        );
+        let mut connection = self.connection.clone();
+        let stored: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async(&mut connection)
+            .await?;
+        Ok(stored.is_some())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        Ok(())
+    }
+}
