@@ -1,0 +1,1 @@
+//! Operator commands: sessions list/revoke, rotate-keys (being written).

@@ -1,0 +1,1 @@
+//! Back-channel logout: ending the sessions a logout token names (being written).

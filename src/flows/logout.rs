@@ -1,0 +1,78 @@
+//! `/logout`: end the session everywhere, revoke its refresh and access tokens (RFC 7009), and build the
+//! RP-Initiated Logout 1.0 URL that signs the user out at the IdP too.
+
+use url::Url;
+
+use super::Broker;
+use crate::domain::SessionId;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct LogoutDone {
+    /// Where the browser goes next: the IdP's end-session endpoint, or the post-logout URL.
+    pub logout_url: String,
+}
+
+impl Broker {
+    /// Logging out without a (live) session still answers with a logout URL: logout is idempotent.
+    #[tracing::instrument(skip_all)]
+    pub async fn logout(&self, id: Option<SessionId>) -> Result<LogoutDone, StoreError> {
+        let (record, access_token) = match id {
+            Some(id) => {
+                let hash = id.hash();
+                // Read before the session ends: ending it drops the cached access token.
+                let access_token = self.cache.get_access_token(&hash).await.ok().flatten();
+                (self.end_session(&hash).await?, access_token)
+            }
+            None => (None, None),
+        };
+        if let Some(record) = &record {
+            tracing::info!(session = %record.id, "logged out");
+            // RFC 7009. A failed revocation is logged; it never keeps the session alive.
+            let revoke = |token: Option<String>, hint: &'static str| async move {
+                let Some(token) = token else { return };
+                if let Err(error) = self.provider.revoke(&token, hint).await {
+                    tracing::warn!(%error, hint, "token revocation failed");
+                }
+            };
+            tokio::join!(
+                revoke(
+                    record
+                        .refresh_token
+                        .as_ref()
+                        .map(|t| t.secret().to_string()),
+                    "refresh_token"
+                ),
+                revoke(
+                    access_token.map(|t| t.token.secret().to_string()),
+                    "access_token"
+                ),
+            );
+        }
+
+        let post_logout = self.config.post_logout_redirect_url.to_string();
+        let end_session = match self.provider.metadata().await {
+            Ok(metadata) => metadata.end_session_endpoint.clone(),
+            Err(error) => {
+                tracing::warn!(%error, "IdP discovery unavailable; logging out locally only");
+                None
+            }
+        };
+        let logout_url = match end_session.and_then(|endpoint| Url::parse(&endpoint).ok()) {
+            Some(mut url) => {
+                {
+                    let mut query = url.query_pairs_mut();
+                    if let Some(record) = &record {
+                        query.append_pair("id_token_hint", record.id_token.secret());
+                    }
+                    query
+                        .append_pair("post_logout_redirect_uri", &post_logout)
+                        .append_pair("client_id", &self.config.client_id);
+                }
+                url.to_string()
+            }
+            None => post_logout,
+        };
+        Ok(LogoutDone { logout_url })
+    }
+}

@@ -1,0 +1,78 @@
+//! The OAuth logic of the broker, on plain Rust types: no actix, no HTTP.
+//!
+//! [`Broker`] holds what every flow needs (configuration, the IdP, the stores, the clock); each
+//! flow is an `impl Broker` block in its own module:
+//! - [`login`]: `/login` — PKCE, state, nonce, the pending login and the binding.
+//! - [`callback`]: `/callback` — consume the pending login, check, exchange, verify, create the session.
+//! - [`session`]: `/session` — the hot path, the sliding idle timeout and the absolute lifetime.
+//! - [`logout`]: `/logout` — end the session everywhere, revoke, build the RP-initiated logout URL.
+//! - [`refresh`]: `/auth` — the cached access token, or one refresh per session across replicas.
+
+pub mod backchannel;
+pub mod callback;
+pub mod login;
+pub mod logout;
+pub mod refresh;
+pub mod session;
+pub mod sweep;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::oidc::Provider;
+use crate::store::{LoginStore, SessionCache, SessionRepository};
+
+pub use callback::{CallbackParams, LoginFailure, LoginSuccess};
+pub use login::{LoginRedirect, StartLoginError};
+pub use logout::LogoutDone;
+pub use refresh::{ForwardedToken, TokenError};
+pub use session::SessionView;
+
+/// Everything a flow needs, built once at start-up and shared by all workers.
+pub struct Broker {
+    pub config: Arc<Config>,
+    pub provider: Arc<Provider>,
+    pub logins: Arc<dyn LoginStore>,
+    pub cache: Arc<dyn SessionCache>,
+    pub sessions: Arc<dyn SessionRepository>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The `login_error` codes a frontend can see (SPEC "Login errors the frontend can see").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginErrorCode {
+    AccessDenied,
+    LoginExpired,
+    IdpError,
+    TokenExchangeFailed,
+    InvalidToken,
+    IdpUnavailable,
+    Unavailable,
+}
+
+impl LoginErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AccessDenied => "access_denied",
+            Self::LoginExpired => "login_expired",
+            Self::IdpError => "idp_error",
+            Self::TokenExchangeFailed => "token_exchange_failed",
+            Self::InvalidToken => "invalid_token",
+            Self::IdpUnavailable => "idp_unavailable",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for LoginErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `std::time::Duration` as chrono's, saturating instead of failing on absurd values.
+pub(crate) fn chrono_duration(duration: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}

@@ -1,0 +1,135 @@
+//! `/session`: the hot path of every page load, and the session's idle and absolute expiry.
+//!
+//! The common case is one Redis `GET` and nothing else. The idle timeout slides without a write
+//! on every call: `last_seen_at` is moved (in Redis and PostgreSQL) only when it is older than
+//! [`touch_interval`], so a session may end up to that much earlier than its exact idle limit.
+//! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches.
+
+use chrono::{DateTime, Utc};
+
+use super::{chrono_duration, Broker};
+use crate::domain::{SessionId, SessionIdHash, UserClaims};
+use crate::store::{CacheLookup, CachedSession, SessionRecord, StoreError};
+
+/// What `/session` reports.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    pub user: UserClaims,
+    /// When the session ends if unused: the earlier of idle and absolute expiry.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// How stale `last_seen_at` may get before it is written again: a tenth of the idle timeout,
+/// at most a minute.
+pub fn touch_interval(idle_timeout: std::time::Duration) -> std::time::Duration {
+    (idle_timeout / 10).min(std::time::Duration::from_secs(60))
+}
+
+impl Broker {
+    /// The moment a session ends if it is not used again.
+    pub(crate) fn session_end(&self, session: &CachedSession) -> DateTime<Utc> {
+        let idle_end = session.last_seen_at + chrono_duration(self.config.session_idle_timeout);
+        idle_end.min(session.expires_at)
+    }
+
+    /// How long the cache may keep the view: until the session would end.
+    pub(crate) fn cache_ttl(
+        &self,
+        session: &CachedSession,
+        now: DateTime<Utc>,
+    ) -> std::time::Duration {
+        (self.session_end(session) - now)
+            .to_std()
+            .unwrap_or(std::time::Duration::from_millis(1))
+    }
+
+    /// Deletes a session everywhere: the PostgreSQL row and, in Redis, a tombstone in place of
+    /// the cached view (so no replica re-caches it) and the cached access token.
+    pub async fn end_session(
+        &self,
+        hash: &SessionIdHash,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let record = self.sessions.delete(hash).await?;
+        self.cache.mark_ended(hash).await?;
+        Ok(record)
+    }
+
+    /// The live session behind a cookie, sliding its idle timeout; `None` when there is none.
+    #[tracing::instrument(skip_all)]
+    pub async fn current_session(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError> {
+        let hash = id.hash();
+        let now = self.clock.now();
+        let cached = match self.cache.get(&hash).await {
+            Ok(CacheLookup::Live(session)) => Some(session),
+            Ok(CacheLookup::Ended) => return Ok(None),
+            Ok(CacheLookup::Unknown) => None,
+            Err(error) => {
+                // Losing Redis must not log everyone out: PostgreSQL answers instead.
+                tracing::warn!(%error, "session cache unavailable; reading PostgreSQL");
+                None
+            }
+        };
+        let (mut session, from_cache) = match cached {
+            Some(session) => (session, true),
+            None => match self.sessions.find(&hash).await {
+                Ok(Some(record)) => (record.view(), false),
+                Ok(None) => return Ok(None),
+                Err(StoreError::Sealed(error)) => {
+                    // Sealed under a key no longer configured: the session cannot be used.
+                    tracing::warn!(%error, "ending a session whose tokens cannot be opened");
+                    self.end_session(&hash).await?;
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
+            },
+        };
+
+        if now >= self.session_end(&session) {
+            tracing::info!(session = %session.id, "session expired");
+            self.end_session(&hash).await?;
+            return Ok(None);
+        }
+
+        let stale = (now - session.last_seen_at).to_std().unwrap_or_default()
+            >= touch_interval(self.config.session_idle_timeout);
+        if stale {
+            session.last_seen_at = now;
+            if !self.sessions.touch(session.id, now).await? {
+                // Deleted by another replica since the cache was filled.
+                self.cache.mark_ended(&hash).await.ok();
+                return Ok(None);
+            }
+        }
+        if stale || !from_cache {
+            if let Err(error) = self
+                .cache
+                .put(&hash, &session, self.cache_ttl(&session, now))
+                .await
+            {
+                tracing::warn!(%error, "could not cache the session");
+            }
+        }
+        Ok(Some(SessionView {
+            expires_at: self.session_end(&session),
+            user: session.user,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn touch_interval_is_a_tenth_of_idle_at_most_a_minute() {
+        assert_eq!(
+            touch_interval(Duration::from_secs(12 * 3600)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            touch_interval(Duration::from_secs(300)),
+            Duration::from_secs(30)
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! The expired-session sweep (being written).

@@ -1,0 +1,1 @@
+//! `POST /backchannel-logout` (being written).

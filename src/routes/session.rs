@@ -1,0 +1,107 @@
+//! `GET /session` and `POST /logout`: what the SPA calls with `credentials: 'include'`.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::cookies;
+use super::problem::ApiError;
+use crate::domain::UserClaims;
+use crate::flows::Broker;
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionResponse {
+    /// Always true (an anonymous caller gets 401).
+    pub authenticated: bool,
+    pub user: UserClaims,
+    /// When the session ends unless used again (idle or absolute limit, whichever is first).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Who is logged in. Never contains a token.
+#[utoipa::path(
+    get, path = "/session", tag = "session",
+    responses(
+        (status = 200, description = "A live session (its idle timeout slides)", body = SessionResponse),
+        (status = 401, description = "No live session", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Session stores unavailable", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn session(
+    request: HttpRequest,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let id = cookies::read_session(&request, &broker.config).ok_or(ApiError::NotAuthenticated)?;
+    let view = broker
+        .current_session(&id)
+        .await?
+        .ok_or(ApiError::NotAuthenticated)?;
+    Ok(HttpResponse::Ok().json(SessionResponse {
+        authenticated: true,
+        user: view.user,
+        expires_at: view.expires_at,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogoutResponse {
+    /// Where to send the browser: the IdP's end-session endpoint (RP-Initiated Logout 1.0) or
+    /// the post-logout URL.
+    pub logout_url: String,
+}
+
+/// POST is accepted only from an allowed frontend origin or the broker's own: a cross-site form
+/// must not be able to log a user out.
+fn require_allowed_origin(request: &HttpRequest, broker: &Broker) -> Result<(), ApiError> {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|value| value.to_str().ok())
+        .ok_or(ApiError::OriginNotAllowed)?;
+    let config = &broker.config;
+    if config.allowed_origins.contains_origin(origin) || origin == config.public_origin() {
+        Ok(())
+    } else {
+        Err(ApiError::OriginNotAllowed)
+    }
+}
+
+fn wants_json(request: &HttpRequest) -> bool {
+    request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"))
+}
+
+/// End the session here and at the IdP.
+#[utoipa::path(
+    post, path = "/logout", tag = "session",
+    responses(
+        (status = 200, description = "With `Accept: application/json`: the URL to send the browser to", body = LogoutResponse),
+        (status = 303, description = "Otherwise: a redirect to that URL"),
+        (status = 403, description = "The Origin is not allowed", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Session stores unavailable", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn logout(
+    request: HttpRequest,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_allowed_origin(&request, &broker)?;
+    let id = cookies::read_session(&request, &broker.config);
+    let done = broker.logout(id).await?;
+    let clear = cookies::expired_session_cookie(&broker.config);
+    if wants_json(&request) {
+        Ok(HttpResponse::Ok().cookie(clear).json(LogoutResponse {
+            logout_url: done.logout_url,
+        }))
+    } else {
+        Ok(HttpResponse::SeeOther()
+            .cookie(clear)
+            .insert_header((header::LOCATION, done.logout_url))
+            .finish())
+    }
+}

@@ -1,0 +1,243 @@
+//! Builds the application from a [`Config`]: stores, IdP client, HTTP server. Tests and `main`
+//! start exactly the same thing; tests bind port 0 and ask [`Application::port`].
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::crypto::Cipher;
+use crate::flows::Broker;
+use crate::oidc::Provider;
+use crate::routes::health::Readiness;
+use crate::routes::{self, middleware};
+use crate::store::memory::MemoryStore;
+use crate::store::postgres::{self, PgSessionRepository};
+use crate::store::redis::RedisStore;
+use crate::store::{LoginStore, SessionCache, SessionRepository};
+
+/// How long in-flight requests may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("DATABASE_URL: {0}")]
+    Database(#[source] crate::store::StoreError),
+    #[error("migrations failed: {0}")]
+    Migrations(#[from] sqlx::migrate::MigrateError),
+    #[error("REDIS_URL: {0}")]
+    Redis(#[source] crate::store::StoreError),
+    #[error("BROKER_LISTEN_ADDR: {0}")]
+    Listen(#[source] std::io::Error),
+    #[error("HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+/// Routes mounted besides the broker's own (dev mode's IdP and demo page).
+pub type ExtraRoutes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// The stores a broker runs on.
+pub struct Stores {
+    pub logins: Arc<dyn LoginStore>,
+    pub cache: Arc<dyn SessionCache>,
+    pub sessions: Arc<dyn SessionRepository>,
+}
+
+impl Stores {
+    /// Redis and PostgreSQL, migrating first unless `BROKER_RUN_MIGRATIONS=false`.
+    pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let cipher = Cipher::new(&config.encryption_keys);
+        let pool =
+            postgres::connect_lazy(config.database_url.secret()).map_err(StartupError::Database)?;
+        if config.run_migrations {
+            postgres::migrate(&pool).await?;
+        }
+        let redis = RedisStore::connect(
+            config.redis_url.secret(),
+            &config.redis_key_prefix,
+            cipher.clone(),
+        )
+        .await
+        .map_err(StartupError::Redis)?;
+        let redis = Arc::new(redis);
+        Ok(Self {
+            logins: redis.clone(),
+            cache: redis,
+            sessions: Arc::new(PgSessionRepository::new(pool, cipher)),
+        })
+    }
+
+    /// Process-local stores for `token-broker dev` and tests.
+    pub fn in_memory(clock: Arc<dyn Clock>) -> Self {
+        let memory = Arc::new(MemoryStore::new(clock));
+        Self {
+            logins: memory.clone(),
+            cache: memory.clone(),
+            sessions: memory,
+        }
+    }
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    signals: ShutdownSignals,
+    broker: web::Data<Broker>,
+    readiness: web::Data<Readiness>,
+}
+
+impl Application {
+    /// Binds `BROKER_LISTEN_ADDR` and builds the application on Redis and PostgreSQL.
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(config.listen_addr).map_err(StartupError::Listen)?;
+        Self::build_on(listener, config, Arc::new(SystemClock)).await
+    }
+
+    /// Builds on an already bound listener with the given clock (tests bind port 0 first, so
+    /// the public URL can name the port before the application exists).
+    pub async fn build_on(
+        listener: TcpListener,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
+        let stores = Stores::connect(&config).await?;
+        Self::assemble(listener, config, clock, stores, None)
+    }
+
+    /// Builds from given stores, with extra routes mounted before the broker's own (dev mode
+    /// mounts its IdP and demo page this way).
+    pub fn assemble(
+        listener: TcpListener,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        stores: Stores,
+        extra_routes: Option<ExtraRoutes>,
+    ) -> Result<Self, StartupError> {
+        if !config.is_https() {
+            tracing::warn!(
+                public_url = %config.public_url,
+                "BROKER_PUBLIC_URL is plain http: cookies are not Secure. Use this for local development only."
+            );
+        }
+        let provider = Arc::new(Provider::new(&config)?);
+
+        // Warm the discovery cache without holding up start-up; /readyz reports a failure.
+        let warm = provider.clone();
+        tokio::spawn(async move {
+            if let Err(error) = warm.metadata().await {
+                tracing::warn!(%error, "IdP discovery is not reachable yet");
+            }
+        });
+
+        let port = listener.local_addr().map_err(StartupError::Listen)?.port();
+        let broker = web::Data::new(Broker {
+            config: Arc::new(config),
+            provider,
+            logins: stores.logins,
+            cache: stores.cache,
+            sessions: stores.sessions,
+            clock,
+        });
+        let readiness = web::Data::new(Readiness::default());
+        let server = {
+            let (broker, readiness) = (broker.clone(), readiness.clone());
+            HttpServer::new(move || {
+                let mut app = App::new()
+                    .app_data(broker.clone())
+                    .app_data(readiness.clone())
+                    .wrap(from_fn(middleware::cors))
+                    .wrap(middleware::security_headers())
+                    .wrap(from_fn(middleware::request_log));
+                if let Some(extra) = &extra_routes {
+                    let extra = extra.clone();
+                    app = app.configure(move |config| extra(config));
+                }
+                app.configure(routes::configure)
+            })
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+            .listen(listener)
+            .map_err(StartupError::Listen)?
+            .run()
+        };
+        let signals = ShutdownSignals::register().map_err(StartupError::Listen)?;
+        tracing::info!(port, "token-broker listening");
+        Ok(Self {
+            port,
+            server,
+            signals,
+            broker,
+            readiness,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The flows and stores this application runs on (tests inspect them).
+    pub fn broker(&self) -> web::Data<Broker> {
+        self.broker.clone()
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGTERM or SIGINT: then `/readyz` turns 503 at once, in-flight requests
+    /// finish (bounded by the grace period), and the future resolves.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let readiness = self.readiness.clone();
+        let signals = self.signals;
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::info!("shutdown signal received: draining");
+            readiness.start_draining();
+            handle.stop(true).await;
+        });
+        self.server.await
+    }
+}
+
+/// SIGTERM and SIGINT, with the handlers installed on creation: a signal that arrives before
+/// anyone waits for it (say, right after "listening" was logged) is kept, never fatal.
+struct ShutdownSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn register() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
