@@ -1,0 +1,335 @@
+//! Checks that the deployment files agree with SPEC.md and with each other: docker-compose.yml gives the
+//! broker every required setting, the Keycloak realm registers the client the broker is configured as,
+//! and the container image runs as a non-root user. (No Docker engine is needed: the files are parsed.)
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::PathBuf;
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+/// SPEC.md § Configuration: the variables marked "required". (`BROKER_CLIENT_SECRET` is optional there;
+/// the compose file needs it because its Keycloak client is confidential, which a realm test checks.)
+const REQUIRED_SETTINGS: [&str; 7] = [
+    "BROKER_PUBLIC_URL",
+    "BROKER_OIDC_ISSUER",
+    "BROKER_CLIENT_ID",
+    "BROKER_ALLOWED_ORIGINS",
+    "BROKER_ENCRYPTION_KEYS",
+    "DATABASE_URL",
+    "REDIS_URL",
+];
+
+const REALM_FILE: &str = "deploy/keycloak/token-broker-realm.json";
+
+fn repo_file(relative: &str) -> Result<String, Box<dyn Error>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative);
+    std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+fn compose() -> Result<serde_yaml::Value, Box<dyn Error>> {
+    Ok(serde_yaml::from_str(&repo_file("docker-compose.yml")?)?)
+}
+
+fn service<'a>(
+    compose: &'a serde_yaml::Value,
+    name: &str,
+) -> Result<&'a serde_yaml::Value, Box<dyn Error>> {
+    compose
+        .get("services")
+        .and_then(|services| services.get(name))
+        .ok_or_else(|| format!("docker-compose.yml has no service `{name}`").into())
+}
+
+/// A service's `environment`, in either of Compose's two spellings (a map, or a list of `NAME=value`).
+fn environment(service: &serde_yaml::Value) -> Result<BTreeMap<String, String>, Box<dyn Error>> {
+    let mut env = BTreeMap::new();
+    match service.get("environment") {
+        Some(serde_yaml::Value::Mapping(map)) => {
+            for (name, value) in map {
+                let name = name.as_str().ok_or("an environment name is not a string")?;
+                let value = match value {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    serde_yaml::Value::Null => String::new(),
+                    other => serde_yaml::to_string(other)?.trim().to_string(),
+                };
+                env.insert(name.to_string(), value);
+            }
+        }
+        Some(serde_yaml::Value::Sequence(items)) => {
+            for item in items {
+                let entry = item
+                    .as_str()
+                    .ok_or("an environment entry is not a string")?;
+                let (name, value) = entry.split_once('=').unwrap_or((entry, ""));
+                env.insert(name.to_string(), value.to_string());
+            }
+        }
+        _ => return Err("the service has no environment".into()),
+    }
+    Ok(env)
+}
+
+fn broker_env() -> Result<BTreeMap<String, String>, Box<dyn Error>> {
+    environment(service(&compose()?, "broker")?)
+}
+
+fn realm() -> Result<serde_json::Value, Box<dyn Error>> {
+    Ok(serde_json::from_str(&repo_file(REALM_FILE)?)?)
+}
+
+fn setting<'a>(env: &'a BTreeMap<String, String>, name: &str) -> Result<&'a str, Box<dyn Error>> {
+    env.get(name)
+        .map(String::as_str)
+        .ok_or_else(|| format!("the broker service does not set {name}").into())
+}
+
+#[test]
+fn compose_gives_the_broker_every_required_setting() -> TestResult {
+    let env = broker_env()?;
+
+    let missing: Vec<_> = REQUIRED_SETTINGS
+        .iter()
+        .filter(|name| env.get(**name).is_none_or(|value| value.trim().is_empty()))
+        .collect();
+
+    assert!(
+        missing.is_empty(),
+        "docker-compose.yml's broker lacks {missing:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn compose_runs_postgres_redis_and_keycloak_and_waits_for_them() -> TestResult {
+    let compose = compose()?;
+
+    for name in ["postgres", "redis", "keycloak"] {
+        let dependency = service(&compose, name)?;
+        assert!(
+            dependency.get("healthcheck").is_some(),
+            "service `{name}` has no healthcheck"
+        );
+        let condition = service(&compose, "broker")?
+            .get("depends_on")
+            .and_then(|d| d.get(name))
+            .and_then(|d| d.get("condition"))
+            .and_then(serde_yaml::Value::as_str);
+        assert_eq!(
+            condition,
+            Some("service_healthy"),
+            "the broker does not wait for a healthy `{name}`"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_imports_the_realm_file_into_keycloak() -> TestResult {
+    let compose = compose()?;
+    let keycloak = service(&compose, "keycloak")?;
+
+    let mounts_realm = keycloak
+        .get("volumes")
+        .and_then(serde_yaml::Value::as_sequence)
+        .ok_or("keycloak has no volumes")?
+        .iter()
+        .filter_map(serde_yaml::Value::as_str)
+        .any(|volume| volume.starts_with(&format!("./{REALM_FILE}:/opt/keycloak/data/import/")));
+    let command = serde_yaml::to_string(keycloak.get("command").ok_or("keycloak has no command")?)?;
+
+    assert!(
+        mounts_realm,
+        "keycloak does not mount {REALM_FILE} into /opt/keycloak/data/import/"
+    );
+    assert!(
+        command.contains("--import-realm"),
+        "keycloak does not start with --import-realm"
+    );
+    Ok(())
+}
+
+#[test]
+fn realm_registers_the_client_the_broker_is_configured_as() -> TestResult {
+    let env = broker_env()?;
+    let realm = realm()?;
+    let realm_name = realm["realm"].as_str().ok_or("the realm has no name")?;
+    let client_id = setting(&env, "BROKER_CLIENT_ID")?;
+    let client = realm["clients"]
+        .as_array()
+        .ok_or("the realm has no clients")?
+        .iter()
+        .find(|c| c["clientId"] == client_id)
+        .ok_or_else(|| format!("the realm has no client `{client_id}` (BROKER_CLIENT_ID)"))?;
+
+    assert!(
+        setting(&env, "BROKER_OIDC_ISSUER")?.ends_with(&format!("/realms/{realm_name}")),
+        "BROKER_OIDC_ISSUER is not the issuer of realm `{realm_name}`"
+    );
+    assert_eq!(
+        client["publicClient"], false,
+        "the client must be confidential"
+    );
+    assert_eq!(
+        client["secret"].as_str(),
+        Some(setting(&env, "BROKER_CLIENT_SECRET")?)
+    );
+    assert_eq!(client["standardFlowEnabled"], true);
+    assert_eq!(client["implicitFlowEnabled"], false);
+    assert_eq!(client["attributes"]["pkce.code.challenge.method"], "S256");
+    let redirect_uri = format!(
+        "{}/callback",
+        setting(&env, "BROKER_PUBLIC_URL")?.trim_end_matches('/')
+    );
+    let redirect_uris = client["redirectUris"]
+        .as_array()
+        .ok_or("the client has no redirectUris")?;
+    assert!(
+        redirect_uris.iter().any(|uri| uri == redirect_uri.as_str()),
+        "the realm does not allow the broker's redirect URI {redirect_uri}: {redirect_uris:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn realm_allows_the_post_logout_redirect_and_calls_back_channel_logout() -> TestResult {
+    let env = broker_env()?;
+    let realm = realm()?;
+    let client_id = setting(&env, "BROKER_CLIENT_ID")?;
+    let client = realm["clients"]
+        .as_array()
+        .and_then(|clients| clients.iter().find(|c| c["clientId"] == client_id))
+        .ok_or("no broker client in the realm")?;
+    let post_logout = env
+        .get("BROKER_POST_LOGOUT_REDIRECT_URL")
+        .cloned()
+        .unwrap_or_else(|| {
+            format!(
+                "{}/",
+                setting(&env, "BROKER_ALLOWED_ORIGINS").unwrap_or_default()
+            )
+        });
+    // Keycloak separates several URIs with `##`; a trailing `*` is a prefix match.
+    let allowed = client["attributes"]["post.logout.redirect.uris"]
+        .as_str()
+        .unwrap_or_default();
+
+    let matches = allowed
+        .split("##")
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => post_logout.starts_with(prefix),
+            None => post_logout == pattern,
+        });
+    let back_channel = client["attributes"]["backchannel.logout.url"]
+        .as_str()
+        .unwrap_or_default();
+
+    assert!(
+        matches,
+        "post-logout redirect {post_logout} is not among `{allowed}`"
+    );
+    assert_eq!(
+        back_channel,
+        format!(
+            "{}/backchannel-logout",
+            setting(&env, "BROKER_PUBLIC_URL")?.trim_end_matches('/')
+        ),
+        "Keycloak's back-channel logout URL is not the broker's"
+    );
+    Ok(())
+}
+
+#[test]
+fn realm_has_a_user_to_sign_in_with() -> TestResult {
+    let realm = realm()?;
+
+    let alice = realm["users"]
+        .as_array()
+        .and_then(|users| users.iter().find(|u| u["username"] == "alice"))
+        .ok_or("the realm has no user alice")?;
+
+    assert_eq!(alice["enabled"], true);
+    assert!(
+        alice["email"].as_str().is_some_and(|e| e.contains('@')),
+        "alice has no email"
+    );
+    assert!(
+        alice["credentials"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|c| c["type"] == "password" && c["temporary"] == false)),
+        "alice has no permanent password"
+    );
+    Ok(())
+}
+
+#[test]
+fn dockerfile_final_stage_runs_as_a_non_root_user() -> TestResult {
+    let dockerfile = repo_file("Dockerfile")?;
+    let instructions: Vec<(String, String)> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| {
+            let (keyword, rest) = line.split_once(char::is_whitespace)?;
+            Some((keyword.to_ascii_uppercase(), rest.trim().to_string()))
+        })
+        .collect();
+    let final_stage_start = instructions
+        .iter()
+        .rposition(|(keyword, _)| keyword == "FROM")
+        .ok_or("the Dockerfile has no FROM")?;
+    let (_, final_stage) = instructions.split_at(final_stage_start);
+    let base_image = final_stage
+        .first()
+        .and_then(|(_, from)| from.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+
+    // The last USER of the final stage wins; without one, the base image's user applies.
+    let user = final_stage
+        .iter()
+        .rev()
+        .find(|(keyword, _)| keyword == "USER")
+        .map_or_else(
+            || {
+                if base_image.ends_with(":nonroot") {
+                    "nonroot".into()
+                } else {
+                    "root".into()
+                }
+            },
+            |(_, user)| user.clone(),
+        );
+    let user_name = user.split(':').next().unwrap_or_default();
+
+    assert!(
+        !matches!(user_name, "" | "root" | "0"),
+        "the final image ({base_image}) runs as `{user}`"
+    );
+    assert!(
+        final_stage
+            .iter()
+            .any(|(k, v)| k == "ENTRYPOINT" && v.contains("token-broker")),
+        "the final stage has no token-broker ENTRYPOINT"
+    );
+    Ok(())
+}
+
+#[test]
+fn dockerignore_keeps_build_output_and_dependencies_out_of_the_context() -> TestResult {
+    let dockerignore = repo_file(".dockerignore")?;
+    let patterns: Vec<&str> = dockerignore
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| line.trim_end_matches('/'))
+        .collect();
+
+    for required in ["target", ".git", "e2e/node_modules"] {
+        assert!(
+            patterns.contains(&required),
+            ".dockerignore does not exclude {required}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The one integration-test binary: every extra file in `tests/` would be another link step on a
+//! 2-core machine. Each module covers one area; `helpers` starts the real broker against real
+//! PostgreSQL and Redis and the Rust test IdP.
+
+mod helpers;
+
+mod backchannel_logout;
+mod callback_attacks;
+mod deploy_files;
+mod forward_auth;
+mod id_token_attacks;
+mod idp_failures;
+mod input_attacks;
+mod login_flow;
+mod migrations_and_cli;
+mod openapi;
+mod operations;
+mod origin_and_cors;
+mod secrets_in_logs;
+mod storage_and_fixation;

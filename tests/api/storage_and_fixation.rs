@@ -1,0 +1,474 @@
+//! What is stored, and how sessions begin and end: only hashes and sealed tokens at rest, a new
+//! session ID at every login (no fixation), Redis loss survived, unknown keys and timeouts ending
+//! sessions cleanly.
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use sha2::{Digest, Sha256};
+use token_broker::clock::ManualClock;
+use token_broker::crypto::{EncryptionKey, Sealed};
+use token_broker::domain::SessionId;
+
+use crate::helpers::*;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_hex(value: &str) -> String {
+    hex(&Sha256::digest(value.as_bytes()))
+}
+
+/// Every key under the test's prefix with its (string) value.
+async fn redis_dump(app: &TestApp) -> Vec<(String, String)> {
+    let mut connection = app.redis.connection().await;
+    let mut dump = Vec::new();
+    for key in app.redis.keys().await {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        dump.push((key, value.unwrap_or_default()));
+    }
+    dump
+}
+
+async fn delete_redis_keys(app: &TestApp) {
+    let keys = app.redis.keys().await;
+    if !keys.is_empty() {
+        let mut connection = app.redis.connection().await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+}
+
+/// Every row of `sessions`, every column as text.
+async fn session_rows_as_text(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT row_to_json(s)::text FROM sessions s")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn assert_absent(haystack: &str, secrets: &[(&str, &str)], place: &str) {
+    for (name, secret) in secrets {
+        assert!(
+            !secret.is_empty(),
+            "{name} is empty: the check would prove nothing"
+        );
+        assert!(
+            !haystack.contains(secret),
+            "{place} contains the {name} in plaintext"
+        );
+        // A bytea column shows as hex in row_to_json: plaintext bytes would appear that way.
+        assert!(
+            !haystack.contains(&hex(secret.as_bytes())),
+            "{place} contains the {name} as hex bytes"
+        );
+    }
+}
+
+#[tokio::test]
+async fn postgresql_holds_only_the_cookie_hash_and_tokens_sealed_under_the_configured_key() {
+    // Arrange
+    let app = spawn_app().await;
+    let browser = app.logged_in_browser("alice").await;
+    let cookie = browser.session().unwrap().clone();
+    let record = app
+        .broker
+        .sessions
+        .find(&SessionId::parse(&cookie).unwrap().hash())
+        .await
+        .unwrap()
+        .unwrap();
+    let id_token = record.id_token.secret().to_string();
+    let refresh_token = record.refresh_token.as_ref().unwrap().secret().to_string();
+    let pool = app.database.pool().await;
+
+    // Act
+    let rows = session_rows_as_text(&pool).await;
+    let (id, id_hash, key_id, id_token_sealed, refresh_sealed): (
+        uuid::Uuid,
+        Vec<u8>,
+        String,
+        Vec<u8>,
+        Vec<u8>,
+    ) = sqlx::query_as(
+        "SELECT id, id_hash, key_id, id_token_sealed, refresh_token_sealed FROM sessions",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+
+    // Assert
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        hex(&id_hash),
+        sha256_hex(&cookie),
+        "id_hash is SHA-256 of the cookie value"
+    );
+    assert_eq!(key_id, app.encryption_key.id());
+    let secrets = [
+        ("session cookie", cookie.as_str()),
+        ("ID token", &id_token),
+        ("refresh token", &refresh_token),
+    ];
+    assert_absent(&rows[0], &secrets, "the sessions row");
+    // The sealed columns open with the configured key, bound to their row and column.
+    let open = |bytes: Vec<u8>, column: &str| {
+        let sealed = Sealed {
+            key_id: key_id.clone(),
+            bytes,
+        };
+        String::from_utf8(
+            app.cipher()
+                .open(&sealed, format!("sessions:{id}:{column}").as_bytes())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(open(id_token_sealed.clone(), "id_token"), id_token);
+    assert_eq!(open(refresh_sealed, "refresh_token"), refresh_token);
+    let elsewhere = Sealed {
+        key_id: key_id.clone(),
+        bytes: id_token_sealed,
+    };
+    assert!(app
+        .cipher()
+        .open(
+            &elsewhere,
+            format!("sessions:{}:id_token", uuid::Uuid::new_v4()).as_bytes()
+        )
+        .is_err());
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn redis_holds_no_cookie_state_nonce_or_token_in_plaintext() {
+    // Arrange
+    let app = spawn_app().await;
+    let mut browser = Browser::default();
+    let request = app.start_login(&mut browser, Some("/x")).await;
+    let state = request.params["state"].clone();
+    let nonce = request.params["nonce"].clone();
+    let binding = browser.cookies["login-binding"].clone();
+
+    // Act: the pending login, then the session's cache entries.
+    let pending = redis_dump(&app).await;
+    let callback = app.approve(&request, "alice").await;
+    let code = query_param(&callback, "code").unwrap();
+    app.callback(&mut browser, &callback).await;
+    let cookie = browser.session().unwrap().clone();
+    let after_login = redis_dump(&app).await;
+
+    // Assert: the pending login is keyed by the state's hash and sealed.
+    assert_eq!(pending.len(), 1);
+    let (pending_key, pending_value) = &pending[0];
+    assert_eq!(
+        pending_key,
+        &format!("{}login:{}", app.redis.prefix, sha256_hex(&state))
+    );
+    let opened = app
+        .cipher()
+        .open_string(pending_value, pending_key.as_bytes())
+        .expect("sealed pending login");
+    assert!(
+        String::from_utf8(opened).unwrap().contains(&nonce),
+        "the sealed value is the pending login"
+    );
+
+    // The access token is only in the sealed cache entry, which opens to a JWT.
+    let cookie_hash = sha256_hex(&cookie);
+    let at_key = format!("{}at:{{{cookie_hash}}}", app.redis.prefix);
+    let (_, sealed_access_token) = after_login
+        .iter()
+        .find(|(k, _)| *k == at_key)
+        .expect("access token cached");
+    let access_token = String::from_utf8(
+        app.cipher()
+            .open_string(sealed_access_token, at_key.as_bytes())
+            .unwrap(),
+    )
+    .unwrap();
+    let segments: Vec<&str> = access_token.split('.').collect();
+    assert_eq!(segments.len(), 3, "a JWS compact serialization");
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            segments[0],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(header["alg"].is_string(), "{header}");
+    assert!(after_login
+        .iter()
+        .any(|(k, _)| *k == format!("{}session:{{{cookie_hash}}}", app.redis.prefix)));
+
+    let secrets = [
+        ("session cookie", cookie.as_str()),
+        ("binding cookie", binding.as_str()),
+        ("state", state.as_str()),
+        ("nonce", nonce.as_str()),
+        ("authorization code", code.as_str()),
+        ("access token", access_token.as_str()),
+    ];
+    for (key, value) in pending.iter().chain(&after_login) {
+        assert_absent(
+            &format!("{key} {value}"),
+            &secrets,
+            &format!("Redis key {key}"),
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_planted_random_session_cookie_is_replaced_at_login_and_stays_worthless() {
+    // Arrange: the attacker sets a well-formed session cookie in the victim's browser.
+    let app = spawn_app().await;
+    let planted = SessionId::generate().secret().to_string();
+    let mut victim = Browser::default();
+    victim.cookies.insert("session".into(), planted.clone());
+
+    // Act
+    let response = app.login_as(&mut victim, "alice").await;
+
+    // Assert
+    assert_eq!(response.status(), 302);
+    let issued = victim.session().unwrap().clone();
+    assert_ne!(issued, planted, "a new session ID at every login");
+    assert_eq!(app.get_session(&victim).await.status(), 200);
+    let mut attacker = Browser::default();
+    attacker.cookies.insert("session".into(), planted);
+    assert_problem(app.get_session(&attacker).await, 401).await;
+    assert_eq!(app.session_rows().await, 1);
+}
+
+#[tokio::test]
+async fn an_attackers_real_session_planted_in_a_victims_browser_is_ended_by_the_victims_login() {
+    // Arrange: mallory logs in, then plants her own live session cookie in alice's browser.
+    let app = spawn_app().await;
+    let mallory = app.logged_in_browser("mallory").await;
+    let mallory_cookie = mallory.session().unwrap().clone();
+    let mut victim = Browser::default();
+    victim
+        .cookies
+        .insert("session".into(), mallory_cookie.clone());
+    assert_eq!(
+        app.get_session(&victim).await.status(),
+        200,
+        "the planted session is live"
+    );
+
+    // Act: alice logs in from her browser.
+    let response = app.login_as(&mut victim, "alice").await;
+
+    // Assert: a new cookie for alice; mallory's planted session has been ended.
+    assert_eq!(response.status(), 302);
+    assert!(query_param(&location(&response), "login_error").is_none());
+    let alice_cookie = victim.session().unwrap().clone();
+    assert_ne!(alice_cookie, mallory_cookie);
+    let body: serde_json::Value = app.get_session(&victim).await.json().await.unwrap();
+    assert_eq!(body["user"]["sub"], "alice");
+    assert_problem(app.get_session(&mallory).await, 401).await;
+    assert_eq!(app.session_rows().await, 1, "only alice's session is left");
+}
+
+#[tokio::test]
+async fn losing_the_redis_keys_keeps_live_sessions_and_expires_pending_logins_cleanly() {
+    // Arrange: a live session, an ended one, and a login waiting for its callback.
+    let app = spawn_app().await;
+    let alive = app.logged_in_browser("alice").await;
+    let mut ended = app.logged_in_browser("bob").await;
+    let ended_cookie = ended.session().unwrap().clone();
+    assert_eq!(
+        app.post_logout(&mut ended, Some(FRONTEND), true)
+            .await
+            .status(),
+        200
+    );
+    ended.cookies.insert("session".into(), ended_cookie);
+    let mut pending = Browser::default();
+    let request = app.start_login(&mut pending, Some("/pending")).await;
+    let callback = app.approve(&request, "carol").await;
+
+    // Act: every key of this test vanishes (a shared Redis is never flushed).
+    delete_redis_keys(&app).await;
+    assert!(app.redis.keys().await.is_empty());
+    let session = app.get_session(&alive).await;
+    let ended_session = app.get_session(&ended).await;
+    let finished = app.callback(&mut pending, &callback).await;
+
+    // Assert: the live session answers from PostgreSQL and is cached again.
+    assert_eq!(session.status(), 200);
+    let hash = sha256_hex(alive.session().unwrap());
+    assert!(
+        app.redis
+            .keys()
+            .await
+            .contains(&format!("{}session:{{{hash}}}", app.redis.prefix)),
+        "re-cached"
+    );
+    // The ended session does not come back with its tombstone gone.
+    assert_problem(ended_session, 401).await;
+    // The pending login is lost: a clean, retryable login_expired, and no session.
+    assert_eq!(finished.status(), 302);
+    assert_eq!(
+        location(&finished),
+        "http://localhost:3000/?login_error=login_expired"
+    );
+    assert!(pending.session().is_none());
+    assert_eq!(app.session_rows().await, 1);
+    assert_eq!(
+        app.idp.stats().code_grants,
+        2,
+        "the expired login never reached the token endpoint"
+    );
+    let retry = app.start_login(&mut pending, Some("/pending")).await;
+    let callback = app.approve(&retry, "carol").await;
+    assert_eq!(
+        location(&app.callback(&mut pending, &callback).await),
+        "http://localhost:3000/pending"
+    );
+}
+
+/// A second broker on the first one's database and Redis prefix, configured with another key only.
+async fn spawn_replica_without_the_key(app: &TestApp) -> TestApp {
+    let (database_url, prefix) = (app.database.url.clone(), app.redis.prefix.clone());
+    spawn_app_with(move |s| {
+        s.settings.database_url = Some(database_url);
+        s.settings.redis_key_prefix = Some(prefix);
+        s.settings.encryption_keys = Some(EncryptionKey::generate().secret_base64());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_session_sealed_under_a_key_no_longer_configured_ends_with_a_401() {
+    // Arrange
+    let app = spawn_app().await;
+    let browser = app.logged_in_browser("alice").await;
+    let replica = spawn_replica_without_the_key(&app).await;
+
+    // Act
+    let response = replica.get_session(&browser).await;
+
+    // Assert: the Redis view the first broker cached must not vouch for a session whose tokens
+    // no configured key can open (it could never be used for a token, yet /session would slide it).
+    assert_eq!(
+        response.status(),
+        401,
+        "the replica answered from the cached view without checking the session's key"
+    );
+    assert_problem(response, 401).await;
+    assert_eq!(app.session_rows().await, 0, "the unusable row is deleted");
+    assert_problem(app.get_session(&browser).await, 401).await;
+}
+
+#[tokio::test]
+async fn a_session_sealed_under_a_key_no_longer_configured_ends_when_read_from_postgresql() {
+    // Arrange: the cache does not know the session, so the replica must open the row.
+    let app = spawn_app().await;
+    let browser = app.logged_in_browser("alice").await;
+    delete_redis_keys(&app).await;
+    let replica = spawn_replica_without_the_key(&app).await;
+
+    // Act
+    let response = replica.get_session(&browser).await;
+
+    // Assert
+    assert_problem(response, 401).await;
+    assert_eq!(app.session_rows().await, 0, "the unusable row is deleted");
+}
+
+fn manual_clock() -> ManualClock {
+    ManualClock::new(Utc::now())
+}
+
+#[tokio::test]
+async fn a_session_idle_longer_than_the_idle_timeout_ends() {
+    // Arrange
+    let clock = manual_clock();
+    let app = spawn_app_with(|s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.clock = Arc::new(clock.clone());
+    })
+    .await;
+    let browser = app.logged_in_browser("alice").await;
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+
+    // Act
+    clock.advance(Duration::minutes(11));
+    let response = app.get_session(&browser).await;
+
+    // Assert
+    assert_problem(response, 401).await;
+    assert_eq!(app.session_rows().await, 0, "the expired row is deleted");
+}
+
+#[tokio::test]
+async fn activity_within_the_idle_window_slides_it() {
+    // Arrange
+    let clock = manual_clock();
+    let app = spawn_app_with(|s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.clock = Arc::new(clock.clone());
+    })
+    .await;
+    let browser = app.logged_in_browser("alice").await;
+
+    // Act: 12 minutes after login, but never 10 without use.
+    clock.advance(Duration::minutes(6));
+    let first = app.get_session(&browser).await;
+    clock.advance(Duration::minutes(6));
+    let second = app.get_session(&browser).await;
+
+    // Assert
+    assert_eq!(first.status(), 200);
+    assert_eq!(second.status(), 200);
+    let body: serde_json::Value = second.json().await.unwrap();
+    let expires_at =
+        chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap()).unwrap();
+    let now = token_broker::clock::Clock::now(&clock);
+    assert!(
+        expires_at > now + Duration::minutes(9),
+        "the idle end moved: {expires_at}"
+    );
+    // Then 11 minutes of silence end it.
+    clock.advance(Duration::minutes(11));
+    assert_problem(app.get_session(&browser).await, 401).await;
+}
+
+#[tokio::test]
+async fn a_session_ends_at_its_absolute_lifetime_however_active() {
+    // Arrange
+    let clock = manual_clock();
+    let app = spawn_app_with(|s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.settings.session_max_lifetime = Some("1h".into());
+        s.clock = Arc::new(clock.clone());
+    })
+    .await;
+    let browser = app.logged_in_browser("alice").await;
+
+    // Act: used every 5 minutes for 55 minutes.
+    for minute in (5..60).step_by(5) {
+        clock.advance(Duration::minutes(5));
+        assert_eq!(
+            app.get_session(&browser).await.status(),
+            200,
+            "at {minute} min"
+        );
+    }
+    clock.advance(Duration::minutes(5));
+    let response = app.get_session(&browser).await;
+
+    // Assert
+    assert_problem(response, 401).await;
+    assert_eq!(app.session_rows().await, 0);
+}
