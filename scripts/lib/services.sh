@@ -1,0 +1,264 @@
+# shellcheck shell=bash
+# scripts/lib/services.sh — find or start the PostgreSQL and Redis that the tests need, and install the
+# Debian packages the tests use. Sourced by scripts/test; every function stops with a clear message.
+#
+# What each ensure_* does, in order (the first that works wins):
+#   PostgreSQL: $DATABASE_URL → a server answering on 127.0.0.1:5432 → a throwaway server from the local
+#               binaries (initdb + pg_ctl, on a free port, as a non-root user) → the same after
+#               `apt-get install postgresql` → `docker compose up postgres` where a Docker engine runs.
+#   Redis:      $REDIS_URL → a server answering PING on 127.0.0.1:6379 → a throwaway redis-server on a
+#               free port → the same after `apt-get install redis-server` → `docker compose up redis`.
+# Only what was started here is stopped again (services_cleanup, run from scripts/test's EXIT trap).
+# TB_TEST_THROWAWAY_SERVICES=1 skips the two "already answering" probes (isolation, or testing this file).
+
+TB_TMP="${TB_TMP:-}"
+TB_CLEANUPS=()
+TB_APT_UPDATED=0
+
+say() { printf 'scripts/test: %s\n' "$*"; }
+die() {
+  printf 'scripts/test: error: %s\n' "$*" >&2
+  exit 1
+}
+
+tb_tmpdir() {
+  if [[ -z "$TB_TMP" ]]; then
+    TB_TMP="$(mktemp -d "${TMPDIR:-/tmp}/token-broker-test.XXXXXX")"
+    TB_CLEANUPS+=("rm -rf '$TB_TMP'")
+  fi
+}
+
+# Runs every registered cleanup, newest first. Idempotent.
+services_cleanup() {
+  local i
+  for ((i = ${#TB_CLEANUPS[@]} - 1; i >= 0; i--)); do
+    eval "${TB_CLEANUPS[$i]}" >/dev/null 2>&1 || true
+  done
+  TB_CLEANUPS=()
+}
+
+# A password-free URL for messages.
+redact_url() { sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"; }
+
+# tcp_open HOST PORT: something accepts connections there.
+tcp_open() {
+  (exec 3<>"/dev/tcp/$1/$2") >/dev/null 2>&1
+}
+
+# A TCP port on 127.0.0.1 that nothing answers on (checked, not reserved: used at once).
+free_port() {
+  local port tries=0
+  while ((tries++ < 200)); do
+    port=$((20000 + RANDOM % 30000))
+    if ! tcp_open 127.0.0.1 "$port"; then
+      echo "$port"
+      return 0
+    fi
+  done
+  die "found no free TCP port on 127.0.0.1"
+}
+
+# --- privileges and packages -------------------------------------------------------------------------
+
+as_root() {
+  if [[ $EUID -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo -n "$@"
+  else
+    return 1
+  fi
+}
+
+can_install() {
+  command -v apt-get >/dev/null 2>&1 && { [[ $EUID -eq 0 ]] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; }; }
+}
+
+# apt_install PACKAGE...: installs Debian packages (apt-get update once per run).
+apt_install() {
+  can_install || return 1
+  say "installing Debian package(s): $* (apt-get)"
+  if ((TB_APT_UPDATED == 0)); then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || return 1
+    TB_APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+docker_engine() {
+  command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1
+}
+
+# compose_up SERVICE: starts one docker-compose.yml service and waits for its health check.
+compose_up() {
+  say "starting '$1' with docker compose (no local server or binaries)"
+  docker compose up -d --wait "$1" >/dev/null || die "docker compose up $1 failed"
+  TB_CLEANUPS+=("docker compose rm -fsv '$1'")
+}
+
+# --- PostgreSQL --------------------------------------------------------------------------------------
+
+pg_answers() {
+  if command -v pg_isready >/dev/null 2>&1; then
+    pg_isready -q -h 127.0.0.1 -p 5432 -t 3
+  else
+    tcp_open 127.0.0.1 5432
+  fi
+}
+
+pg_bindir() {
+  local initdb
+  initdb="$(printf '%s\n' /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)"
+  [[ -x "$initdb" ]] && dirname "$initdb"
+}
+
+# The user a throwaway server runs as: initdb refuses root.
+pg_user() {
+  if [[ $EUID -ne 0 ]]; then
+    id -un
+  elif id postgres >/dev/null 2>&1; then
+    echo postgres
+  else
+    id token-broker-test >/dev/null 2>&1 ||
+      useradd --system --no-create-home --shell /usr/sbin/nologin token-broker-test ||
+      die "cannot create a non-root user for initdb"
+    echo token-broker-test
+  fi
+}
+
+# run_as USER COMMAND...
+run_as() {
+  local user="$1"
+  shift
+  if [[ "$user" == "$(id -un)" ]]; then
+    "$@"
+  elif command -v runuser >/dev/null 2>&1; then
+    runuser -u "$user" -- "$@"
+  else
+    su -s /bin/sh "$user" -c "$(printf '%q ' "$@")"
+  fi
+}
+
+start_throwaway_postgres() {
+  local bindir="$1" user port dir
+  user="$(pg_user)"
+  port="$(free_port)"
+  tb_tmpdir
+  dir="$TB_TMP/postgres"
+  mkdir -p "$dir"
+  chmod 755 "$TB_TMP"
+  chown "$user" "$dir"
+  run_as "$user" "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >"$TB_TMP/initdb.log" 2>&1 ||
+    die "initdb failed; see $(cat "$TB_TMP/initdb.log")"
+  # fsync off and a socket in the data dir: a disposable server that needs no system directories.
+  run_as "$user" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+    start >/dev/null || die "PostgreSQL did not start: $(tail -n 20 "$dir/server.log" 2>/dev/null)"
+  TB_CLEANUPS+=("run_as '$user' '$bindir/pg_ctl' -D '$dir/data' -m immediate stop")
+  DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  say "started a throwaway PostgreSQL ($("$bindir/postgres" --version | awk '{print $3}')) on port $port; it is removed when the tests end"
+}
+
+ensure_postgres() {
+  local bindir
+  if [[ -n "${DATABASE_URL:-}" ]]; then
+    say "using PostgreSQL at $(redact_url "$DATABASE_URL") (DATABASE_URL)"
+  elif [[ "${TB_TEST_THROWAWAY_SERVICES:-0}" != 1 ]] && pg_answers; then
+    DATABASE_URL="postgres://postgres@127.0.0.1:5432/postgres"
+    say "using PostgreSQL at $DATABASE_URL (a server answers there)"
+  elif bindir="$(pg_bindir)"; then
+    start_throwaway_postgres "$bindir"
+  elif can_install; then
+    # Only the binaries: no cluster of the package's own left running on port 5432.
+    as_root mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' | as_root tee /etc/postgresql-common/createcluster.d/token-broker-test.conf >/dev/null
+    apt_install postgresql || die "apt-get install postgresql failed"
+    bindir="$(pg_bindir)" || die "PostgreSQL installed, but no initdb under /usr/lib/postgresql/*/bin"
+    start_throwaway_postgres "$bindir"
+  elif docker_engine; then
+    compose_up postgres
+    DATABASE_URL="postgres://postgres:postgres@127.0.0.1:${POSTGRES_HOST_PORT:-5432}/postgres"
+    say "using PostgreSQL from docker compose at $(redact_url "$DATABASE_URL")"
+  else
+    die "no PostgreSQL: set DATABASE_URL, run one on 127.0.0.1:5432, install PostgreSQL, or start a Docker engine"
+  fi
+  export DATABASE_URL
+}
+
+# --- Redis -------------------------------------------------------------------------------------------
+
+redis_answers() {
+  # RESP inline command; a server that wants a password answers -NOAUTH, which does not count.
+  local reply
+  reply="$(
+    exec 3<>/dev/tcp/127.0.0.1/6379 || exit 1
+    printf 'PING\r\n' >&3
+    IFS= read -r -t 3 line <&3 && printf '%s' "$line"
+  )" 2>/dev/null || return 1
+  [[ "$reply" == +PONG* ]]
+}
+
+start_throwaway_redis() {
+  local port dir
+  port="$(free_port)"
+  tb_tmpdir
+  dir="$TB_TMP/redis"
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --dir "$dir" --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null ||
+    die "redis-server did not start"
+  local tries=0
+  until [[ -s "$dir/redis.pid" ]] && tcp_open 127.0.0.1 "$port"; do
+    ((tries++ < 100)) || die "redis-server did not answer on port $port: $(tail -n 20 "$dir/redis.log")"
+    sleep 0.1
+  done
+  TB_CLEANUPS+=("kill \$(cat '$dir/redis.pid')")
+  REDIS_URL="redis://127.0.0.1:$port"
+  say "started a throwaway Redis ($(redis-server --version | grep -o 'v=[^ ]*')) on port $port; it is stopped when the tests end"
+}
+
+ensure_redis() {
+  if [[ -n "${REDIS_URL:-}" ]]; then
+    say "using Redis at $(redact_url "$REDIS_URL") (REDIS_URL)"
+  elif [[ "${TB_TEST_THROWAWAY_SERVICES:-0}" != 1 ]] && redis_answers; then
+    REDIS_URL="redis://127.0.0.1:6379"
+    say "using Redis at $REDIS_URL (a server answers there)"
+  elif command -v redis-server >/dev/null 2>&1; then
+    start_throwaway_redis
+  elif apt_install redis-server; then
+    command -v redis-server >/dev/null 2>&1 || die "redis-server installed but not on PATH"
+    start_throwaway_redis
+  elif docker_engine; then
+    compose_up redis
+    REDIS_URL="redis://127.0.0.1:${REDIS_HOST_PORT:-6379}"
+    say "using Redis from docker compose at $REDIS_URL"
+  else
+    die "no Redis: set REDIS_URL, run one on 127.0.0.1:6379, install redis-server, or start a Docker engine"
+  fi
+  export REDIS_URL
+}
+
+# --- end-to-end test tools ---------------------------------------------------------------------------
+
+ensure_chromium() {
+  export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+  if [[ ! -x "$CHROMIUM" ]]; then
+    apt_install chromium || die "no $CHROMIUM and cannot apt-get install chromium (run as root or with sudo, or set CHROMIUM)"
+  fi
+  [[ -x "$CHROMIUM" ]] || die "chromium installed, but $CHROMIUM is not there"
+}
+
+ensure_node() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    die "the end-to-end test needs Node.js >= 20.19 and npm (or run scripts/test --no-e2e)"
+  fi
+  local version
+  version="$(node -p 'process.versions.node')"
+  node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)' ||
+    die "Node.js $version is too old for the end-to-end test (oidc-provider needs >= 20.19)"
+}
+
+ensure_psql() {
+  command -v psql >/dev/null 2>&1 || apt_install postgresql-client ||
+    die "the end-to-end test needs psql (Debian: postgresql-client)"
+}
