@@ -4,7 +4,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{forward_auth, health, login, problem, session};
+use crate::routes::{backchannel, forward_auth, health, login, problem, session};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,15 +18,17 @@ use crate::routes::{forward_auth, health, login, problem, session};
         login::callback,
         session::session,
         session::logout,
+        backchannel::backchannel_logout,
         forward_auth::forward_auth,
         health::healthz,
         health::readyz,
         health::openapi_json,
     ),
-    components(schemas(problem::Problem)),
+    components(schemas(problem::Problem, backchannel::LogoutTokenProblem)),
     tags(
         (name = "login", description = "The authorization-code flow with PKCE"),
         (name = "session", description = "What the frontend calls"),
+        (name = "identity-provider", description = "What the IdP calls: back-channel logout"),
         (name = "forward-auth", description = "What a gateway calls: access tokens for upstream APIs"),
         (name = "operations", description = "Probes and the API description"),
     )

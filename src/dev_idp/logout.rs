@@ -75,6 +75,20 @@ fn end(idp: &DevIdp, params: &Params) -> Result<Option<String>, &'static str> {
 }
 
 impl DevIdp {
+    /// The claims of a valid logout token of this IdP for its client, issued now, for tests that
+    /// tamper with them before [`DevIdp::sign_logout_token`]. An empty `sub` is left out.
+    pub fn logout_token_claims(&self, sub: &str, sid: Option<&str>) -> serde_json::Value {
+        logout_token_claims(&self.issuer(), &self.client().id, sub, sid)
+    }
+
+    /// Signs claims as a logout token (`typ: logout+jwt`) with the current key.
+    pub fn sign_logout_token(&self, claims: &serde_json::Value) -> String {
+        let alg = self.controls().signing_alg();
+        self.current_keys()
+            .sign(alg, "logout+jwt", claims)
+            .unwrap_or_default()
+    }
+
     /// POSTs a logout token (Back-Channel Logout 1.0 §2.4) for `sub` and/or `sid` to the client's
     /// back-channel logout URI and returns the HTTP status it answered. An empty `sub` is left out.
     pub async fn send_backchannel_logout(
@@ -83,9 +97,9 @@ impl DevIdp {
         sub: &str,
         sid: Option<&str>,
     ) -> Result<u16, String> {
-        let claims = logout_token_claims(&self.issuer(), &self.client().id, sub, sid);
-        let alg = self.controls().signing_alg();
+        let claims = self.logout_token_claims(sub, sid);
         // §2.4: explicit typing, so that a logout token cannot pass for an ID token.
+        let alg = self.controls().signing_alg();
         let logout_token = self
             .current_keys()
             .sign(alg, "logout+jwt", &claims)

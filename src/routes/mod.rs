@@ -38,6 +38,7 @@ route_table! {
     get "/callback" => login::callback,
     get "/session" => session::session,
     post "/logout" => session::logout,
+    post "/backchannel-logout" => backchannel::backchannel_logout,
     get "/auth" => forward_auth::forward_auth,
     get "/healthz" => health::healthz,
     get "/readyz" => health::readyz,
@@ -49,6 +50,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
     config.app_data(web::QueryConfig::default().error_handler(|error, _| {
         ApiError::InvalidRequest(format!("malformed query string: {error}")).into()
     }));
+    config.app_data(backchannel::form_config());
     register(config);
     config.default_service(web::to(not_found));
 }

@@ -202,6 +202,11 @@ impl SessionCache for MemoryStore {
         Ok(true)
     }
 
+    async fn forget(&self, id: &str) -> Result<(), StoreError> {
+        self.maps().seen.remove(id);
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

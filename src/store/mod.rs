@@ -143,6 +143,9 @@ pub trait SessionCache: Send + Sync + 'static {
     async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError>;
     /// Records `id` (e.g. a logout token's `jti`) for `ttl`; false when it was already recorded.
     async fn remember_once(&self, id: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
+    /// Forgets what `remember_once` recorded, so that a request that failed after recording its
+    /// `id` can be retried.
+    async fn forget(&self, id: &str) -> Result<(), StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
 }
 

@@ -86,6 +86,14 @@ impl RedisStore {
     fn access_token_key(&self, hash: &SessionIdHash) -> String {
         format!("{}at:{{{}}}", self.prefix, hash.to_hex())
     }
+
+    fn seen_key(&self, id: &str) -> String {
+        format!(
+            "{}seen:{}",
+            self.prefix,
+            crate::crypto::sha256_base64url(id)
+        )
+    }
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -258,11 +266,7 @@ impl SessionCache for RedisStore {
     }
 
     async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let key = format!(
-            "{}seen:{}",
-            self.prefix,
-            crate::crypto::sha256_base64url(id)
-        );
+        let key = self.seen_key(id);
         let mut connection = self.connection.clone();
         let stored: Option<String> = redis::cmd("SET")
             .arg(key)
@@ -273,6 +277,13 @@ impl SessionCache for RedisStore {
             .query_async(&mut connection)
             .await?;
         Ok(stored.is_some())
+    }
+
+    async fn forget(&self, id: &str) -> Result<(), StoreError> {
+        let key = self.seen_key(id);
+        let mut connection = self.connection.clone();
+        let _: i64 = connection.del(key).await?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
