@@ -1,10 +1,12 @@
-//! The command line: `serve` (the default), `migrate`, and `openapi`.
+//! The command line: `serve` (the default), `migrate`, `openapi`, `dev`, and the operator
+//! commands `sessions list|revoke` and `rotate-keys` (their work lives in [`crate::admin`]).
 
 use clap::{Parser, Subcommand};
 
+use crate::admin;
 use crate::config::{Config, LogFormat, Settings};
 use crate::startup::Application;
-use crate::store::postgres;
+use crate::store::{postgres, StoreError};
 use crate::telemetry;
 
 #[derive(Parser)]
@@ -30,6 +32,38 @@ enum Command {
     Openapi,
     /// Zero-setup local mode: in-memory stores, a built-in IdP, loopback only. Not for production.
     Dev,
+    /// Inspect or end a user's sessions (incident response); same configuration as serve
+    Sessions {
+        #[command(subcommand)]
+        action: SessionsCommand,
+    },
+    /// Re-encrypt every stored token under the first key of BROKER_ENCRYPTION_KEYS.
+    ///
+    /// Procedure: put the new key first (keeping the old one) and roll it out to every replica;
+    /// run rotate-keys; then remove the old key. Sessions no configured key opens are deleted.
+    RotateKeys,
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// List a subject's sessions: id, created, last seen, expiry (never a token, cookie or hash)
+    List {
+        /// The IdP subject (`sub` claim) whose sessions to list
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        sub: String,
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// End every session of a subject on all replicas.
+    ///
+    /// The sessions' refresh tokens are not revoked at the IdP (the broker forgets them); to keep
+    /// the user out, also disable them at the IdP, or they can simply log in again.
+    Revoke {
+        /// The IdP subject (`sub` claim) whose sessions to end
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        sub: String,
+    },
 }
 
 fn fail(lines: &str) -> std::process::ExitCode {
@@ -37,6 +71,82 @@ fn fail(lines: &str) -> std::process::ExitCode {
         eprintln!("token-broker: configuration error: {line}");
     }
     std::process::ExitCode::from(2)
+}
+
+/// The operator commands, which share configuration, stores and exit codes.
+enum Operation {
+    Sessions(SessionsCommand),
+    RotateKeys,
+}
+
+/// Operator commands log warnings to stderr, so that stdout is only their output (`--json`).
+fn init_operator_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs an operator command (`sessions …`, `rotate-keys`): exit 0 on success, 2 on a
+/// configuration error, 1 with one line (no secret in it) when a store fails.
+async fn operator(settings: &Settings, operation: Operation) -> std::process::ExitCode {
+    let config = match Config::from_settings(settings) {
+        Ok(config) => config,
+        Err(errors) => return fail(&errors.to_string()),
+    };
+    init_operator_logs();
+    match operate(&config, operation).await {
+        Ok(output) => {
+            print!("{output}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let line = admin::one_line_without_secrets(&error.to_string(), &config);
+            eprintln!("token-broker: {line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn operate(config: &Config, operation: Operation) -> Result<String, admin::AdminError> {
+    let stores = admin::connect(config).await?;
+    match operation {
+        Operation::Sessions(SessionsCommand::List { sub, json }) => {
+            let sessions = admin::list_sessions(stores.sessions.as_ref(), &sub).await?;
+            if json {
+                admin::render_json_lines(&sessions)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()).into())
+            } else if sessions.is_empty() {
+                Ok(format!("no sessions of subject {}\n", sub.escape_debug()))
+            } else {
+                Ok(admin::render_table(&sessions))
+            }
+        }
+        Operation::Sessions(SessionsCommand::Revoke { sub }) => {
+            let ended =
+                admin::revoke_sessions(stores.sessions.as_ref(), stores.cache.as_ref(), &sub)
+                    .await?;
+            Ok(format!(
+                "ended {ended} session(s) of subject {} (refresh tokens were not revoked at the IdP)\n",
+                sub.escape_debug()
+            ))
+        }
+        Operation::RotateKeys => {
+            let report =
+                admin::rotate_keys(stores.sessions.as_ref(), stores.cache.as_ref()).await?;
+            let key_id = config.encryption_keys.first().map_or("", |k| k.id());
+            let mut output = format!("resealed {} sessions under key {key_id}\n", report.resealed);
+            if report.ended > 0 {
+                output.push_str(&format!(
+                    "ended {} session(s) sealed under keys no longer configured\n",
+                    report.ended
+                ));
+            }
+            Ok(output)
+        }
+    }
 }
 
 /// Runs the command line; the process exit code says how it went.
@@ -104,6 +214,8 @@ pub async fn run() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Sessions { action } => operator(&cli.settings, Operation::Sessions(action)).await,
+        Command::RotateKeys => operator(&cli.settings, Operation::RotateKeys).await,
         Command::Serve => {
             let config = match Config::from_settings(&cli.settings) {
                 Ok(config) => config,

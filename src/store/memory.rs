@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, SessionCache,
-    SessionRecord, SessionRepository, SessionSummary, StoreError,
+    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, ResealOutcome,
+    SessionCache, SessionRecord, SessionRepository, SessionSummary, StoreError,
 };
 use crate::clock::Clock;
 use crate::crypto::random_token;
@@ -306,9 +306,9 @@ impl SessionRepository for MemoryStore {
         Ok(Some(expired))
     }
 
-    async fn reseal_batch(&self, _batch: i64) -> Result<u64, StoreError> {
+    async fn reseal_batch(&self, _batch: i64) -> Result<ResealOutcome, StoreError> {
         // Nothing is sealed in memory.
-        Ok(0)
+        Ok(ResealOutcome::default())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

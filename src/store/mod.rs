@@ -181,9 +181,25 @@ pub trait SessionRepository: Send + Sync + 'static {
         idle_cutoff: DateTime<Utc>,
         batch: i64,
     ) -> Result<Option<Vec<SessionIdHash>>, StoreError>;
-    /// Re-seals up to `batch` rows not sealed under the current key; returns how many.
-    async fn reseal_batch(&self, batch: i64) -> Result<u64, StoreError>;
+    /// Re-seals up to `batch` rows not sealed under the current key, and deletes those that no
+    /// configured key opens. Waits for rows that requests hold, so an empty outcome means no row
+    /// is left under another key.
+    async fn reseal_batch(&self, batch: i64) -> Result<ResealOutcome, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// What one [`SessionRepository::reseal_batch`] did.
+#[derive(Debug, Default)]
+pub struct ResealOutcome {
+    pub resealed: u64,
+    /// Sessions deleted because no configured key opens them (their cache views must end too).
+    pub ended: Vec<SessionIdHash>,
+}
+
+impl ResealOutcome {
+    pub fn is_empty(&self) -> bool {
+        self.resealed == 0 && self.ended.is_empty()
+    }
 }
 
 /// An access token and when it expires, as the cache keeps it.

@@ -14,7 +14,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{SessionRecord, SessionRepository, SessionSummary, StoreError};
+use super::{ResealOutcome, SessionRecord, SessionRepository, SessionSummary, StoreError};
 use crate::crypto::{Cipher, Sealed};
 use crate::domain::{IdToken, RefreshToken, SessionIdHash, UserClaims};
 
@@ -289,16 +289,16 @@ impl SessionRepository for PgSessionRepository {
             .map(Some)
     }
 
-    async fn reseal_batch(&self, batch: i64) -> Result<u64, StoreError> {
+    async fn reseal_batch(&self, batch: i64) -> Result<ResealOutcome, StoreError> {
         let mut transaction = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT * FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(self.cipher.current_key_id())
-        .bind(batch)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let mut resealed = 0;
+        // No SKIP LOCKED: a row a request holds is waited for (milliseconds), so that an empty
+        // batch really means that nothing is left under an old key.
+        let rows = sqlx::query("SELECT * FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE")
+            .bind(self.cipher.current_key_id())
+            .bind(batch)
+            .fetch_all(&mut *transaction)
+            .await?;
+        let mut outcome = ResealOutcome::default();
         for row in &rows {
             let record = match self.record_from_row(row) {
                 Ok(record) => record,
@@ -310,6 +310,7 @@ impl SessionRepository for PgSessionRepository {
                         .bind(id)
                         .execute(&mut *transaction)
                         .await?;
+                    outcome.ended.push(hash_from_row(row)?);
                     continue;
                 }
                 Err(other) => return Err(other),
@@ -323,10 +324,10 @@ impl SessionRepository for PgSessionRepository {
                 .bind(refresh_token)
                 .execute(&mut *transaction)
                 .await?;
-            resealed += 1;
+            outcome.resealed += 1;
         }
         transaction.commit().await?;
-        Ok(resealed)
+        Ok(outcome)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
