@@ -73,6 +73,12 @@ pub struct Settings {
     /// Upstream APIs for the token relay, name=URL comma-separated
     #[arg(long, global = true, env = "BROKER_API_ROUTES")]
     pub api_routes: Option<String>,
+    /// Time-out of connecting to a relay upstream [default: 5s]
+    #[arg(long, global = true, env = "BROKER_API_CONNECT_TIMEOUT")]
+    pub api_connect_timeout: Option<String>,
+    /// Time a relay upstream may take to answer with its response headers [default: 30s]
+    #[arg(long, global = true, env = "BROKER_API_TIMEOUT")]
+    pub api_timeout: Option<String>,
     /// json or pretty [default: json]
     #[arg(long, global = true, env = "BROKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -126,6 +132,9 @@ pub struct Config {
     pub login_ttl: Duration,
     pub cookie_same_site: SameSite,
     pub api_routes: Vec<ApiRoute>,
+    pub api_connect_timeout: Duration,
+    /// Until the upstream's response headers; the body then streams without a time limit.
+    pub api_timeout: Duration,
     pub log_format: LogFormat,
     pub redis_key_prefix: String,
     pub run_migrations: bool,
@@ -133,6 +142,11 @@ pub struct Config {
     /// The least time between two JWKS fetches caused by an unknown `kid` (not a variable: tests
     /// shorten it). A flood of tokens with made-up `kid`s costs the IdP one fetch per interval.
     pub jwks_refetch_interval: Duration,
+    /// The mean time between two sweeps of expired sessions; zero turns the background sweep off
+    /// (not a variable: tests drive the sweep directly).
+    pub sweep_interval: Duration,
+    /// Rows the sweep deletes per transaction, so that no lock is held for long.
+    pub sweep_batch: i64,
 }
 
 /// Every configuration problem, one per line, each naming its variable.
@@ -387,6 +401,12 @@ impl Config {
         );
         let login_ttl = check.duration("BROKER_LOGIN_TTL", &settings.login_ttl, "10m");
         let idp_timeout = check.duration("BROKER_IDP_TIMEOUT", &settings.idp_timeout, "10s");
+        let api_connect_timeout = check.duration(
+            "BROKER_API_CONNECT_TIMEOUT",
+            &settings.api_connect_timeout,
+            "5s",
+        );
+        let api_timeout = check.duration("BROKER_API_TIMEOUT", &settings.api_timeout, "30s");
 
         let cookie_same_site = match settings
             .cookie_samesite
@@ -473,11 +493,15 @@ impl Config {
                 login_ttl,
                 cookie_same_site,
                 api_routes,
+                api_connect_timeout,
+                api_timeout,
                 log_format,
                 redis_key_prefix,
                 run_migrations,
                 idp_timeout,
                 jwks_refetch_interval: Duration::from_secs(10),
+                sweep_interval: Duration::from_secs(60),
+                sweep_batch: 500,
             }),
             _ => {
                 if check.problems.is_empty() {
@@ -514,19 +538,27 @@ fn parse_api_routes(list: &str) -> Result<Vec<ApiRoute>, String> {
             .split_once('=')
             .ok_or_else(|| format!("`{entry}` is not name=URL"))?;
         let name = name.trim();
+        // The name is one raw path segment of `/api/{name}/…`: nothing to decode or normalise.
         if name.is_empty()
             || !name
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(format!(
-                "route name `{name}` may use only letters, digits, - and _"
-            ));
+            return Err(format!("route name `{name}` may use only a-z, 0-9 and -"));
         }
         let base_url = Url::parse(url.trim())
             .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| format!("route `{name}` needs an absolute http(s) URL"))?;
+            .filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+            })
+            .ok_or_else(|| {
+                format!("route `{name}` needs an absolute http(s) URL without query, fragment or user info")
+            })?;
         if routes.iter().any(|r| r.name == name) {
             return Err(format!("route `{name}` is named twice"));
         }
@@ -577,6 +609,8 @@ mod tests {
         assert_eq!(config.session_max_lifetime, Duration::from_secs(7 * 86_400));
         assert_eq!(config.login_ttl, Duration::from_secs(600));
         assert_eq!(config.cookie_same_site, SameSite::Strict);
+        assert_eq!(config.api_connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.api_timeout, Duration::from_secs(30));
         assert!(config.is_https());
     }
 
@@ -611,7 +645,15 @@ mod tests {
         settings.session_idle_timeout = Some("12 parsecs".into());
         settings.cookie_samesite = Some("none".into());
         settings.database_url = Some("mysql://u:dbpass@db".into());
+        settings.api_routes = Some("orders=https://user:apipass@orders.internal?x=1".into());
+        settings.api_timeout = Some("soon".into());
         let text = Config::from_settings(&settings).unwrap_err().to_string();
+        assert!(
+            text.contains("BROKER_API_ROUTES: route `orders` needs an absolute http(s) URL"),
+            "{text}"
+        );
+        assert!(text.contains("BROKER_API_TIMEOUT:"), "{text}");
+        assert!(!text.contains("apipass"));
         assert!(
             text.contains("BROKER_ENCRYPTION_KEYS: key 1 decodes to 5 bytes"),
             "{text}"
@@ -660,6 +702,18 @@ mod tests {
         assert_eq!(routes[1].name, "users");
         assert!(parse_api_routes("a=https://x,a=https://y").is_err());
         assert!(parse_api_routes("../x=https://x").is_err());
+        assert!(parse_api_routes("Orders=https://x").is_err());
+        assert!(parse_api_routes("a_b=https://x").is_err());
+        for url in [
+            "https://x/v1?debug=1",
+            "https://x/v1#top",
+            "https://user:pw@x/v1",
+            "ftp://x/v1",
+            "/v1",
+        ] {
+            assert!(parse_api_routes(&format!("a={url}")).is_err(), "{url}");
+        }
+        assert!(!format!("{:?}", parse_api_routes("a=https://user:pw@x")).contains("pw"));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`routes`]: HTTP only — the route table, extractors, cookies, CORS, problem+json errors.
 //!   Turns requests into domain values and flow results into responses.
-//! - [`flows`]: the OAuth logic (login, callback, session, logout) on plain Rust types; no actix.
+//! - [`flows`]: the OAuth logic (login, callback, session, logout, refresh) and the API relay's
+//!   upstream calls, on plain Rust types; no actix.
 //! - [`domain`]: parsed, validated values (`ReturnTo`, `SessionId`, `State`, …) and the secret types.
 //! - [`oidc`]: the IdP client — discovery, JWKS, ID-token verification, token and revocation calls.
 //! - [`store`]: the store traits and their Redis and PostgreSQL implementations.

@@ -12,6 +12,8 @@ use actix_web::{web, App, HttpServer};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::crypto::Cipher;
+use crate::flows::relay::Relay;
+use crate::flows::sweep::{spawn_background_sweep, SweepTask};
 use crate::flows::Broker;
 use crate::oidc::Provider;
 use crate::routes::health::Readiness;
@@ -89,6 +91,8 @@ pub struct Application {
     signals: ShutdownSignals,
     broker: web::Data<Broker>,
     readiness: web::Data<Readiness>,
+    /// The expired-session sweep; dropped (and so stopped) with the application.
+    sweep: Option<SweepTask>,
 }
 
 impl Application {
@@ -144,12 +148,14 @@ impl Application {
             clock,
         });
         let readiness = web::Data::new(Readiness::default());
+        let relay = web::Data::new(Relay::new(&broker.config)?);
         let server = {
             let (broker, readiness) = (broker.clone(), readiness.clone());
             HttpServer::new(move || {
                 let mut app = App::new()
                     .app_data(broker.clone())
                     .app_data(readiness.clone())
+                    .app_data(relay.clone())
                     .wrap(from_fn(middleware::cors))
                     .wrap(middleware::security_headers())
                     .wrap(from_fn(middleware::request_log));
@@ -166,6 +172,7 @@ impl Application {
             .run()
         };
         let signals = ShutdownSignals::register().map_err(StartupError::Listen)?;
+        let sweep = spawn_background_sweep(broker.clone().into_inner());
         tracing::info!(port, "token-broker listening");
         Ok(Self {
             port,
@@ -173,6 +180,7 @@ impl Application {
             signals,
             broker,
             readiness,
+            sweep,
         })
     }
 
@@ -190,18 +198,22 @@ impl Application {
     }
 
     /// Serves until SIGTERM or SIGINT: then `/readyz` turns 503 at once, in-flight requests
-    /// finish (bounded by the grace period), and the future resolves.
+    /// finish (bounded by the grace period), and the future resolves. The background sweep
+    /// stops with the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let readiness = self.readiness.clone();
         let signals = self.signals;
+        let sweep = self.sweep;
         tokio::spawn(async move {
             signals.recv().await;
             tracing::info!("shutdown signal received: draining");
             readiness.start_draining();
             handle.stop(true).await;
         });
-        self.server.await
+        let result = self.server.await;
+        drop(sweep);
+        result
     }
 }
 

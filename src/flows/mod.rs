@@ -6,13 +6,15 @@
 //! - [`callback`]: `/callback` — consume the pending login, check, exchange, verify, create the session.
 //! - [`session`]: `/session` — the hot path, the sliding idle timeout and the absolute lifetime.
 //! - [`logout`]: `/logout` — end the session everywhere, revoke, build the RP-initiated logout URL.
-//! - [`refresh`]: `/auth` — the cached access token, or one refresh per session across replicas.
+//! - [`refresh`]: `/auth` and the relay — the cached access token, or one refresh per session across replicas.
+//! - [`relay`]: `/api/{name}/…` — upstream paths, the headers that cross, the bearer and its one retry.
 
 pub mod backchannel;
 pub mod callback;
 pub mod login;
 pub mod logout;
 pub mod refresh;
+pub mod relay;
 pub mod session;
 pub mod sweep;
 

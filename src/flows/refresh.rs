@@ -1,4 +1,4 @@
-//! Access tokens for servers (`/auth`): the cached token, or a refresh — exactly one refresh grant
+//! Access tokens for servers (`/auth` and the relay): the cached token, or a refresh — exactly one refresh grant
 //! per session at a time, across all replicas (SPEC "Refresh").
 //!
 //! Whoever takes the session's Redis lock refreshes; everyone else waits (bounded) for the token
@@ -66,31 +66,52 @@ impl Broker {
         }
     }
 
-    /// The session's access token if cached and not due for refresh.
+    /// The session's access token if cached, not due for refresh, and not the `stale` one.
     async fn fresh_cached_token(
         &self,
         hash: &SessionIdHash,
+        stale: Option<&AccessToken>,
     ) -> Result<Option<AccessToken>, StoreError> {
         let now = self.clock.now();
         Ok(self
             .cache
             .get_access_token(hash)
             .await?
-            .filter(|cached| now < cached.refresh_at)
+            .filter(|cached| now < cached.refresh_at && Some(&cached.token) != stale)
             .map(|cached| cached.token))
     }
 
     /// A fresh access token for the session behind the cookie (forward-auth and the relay).
     #[tracing::instrument(skip_all)]
     pub async fn access_token(&self, id: &SessionId) -> Result<ForwardedToken, TokenError> {
+        self.access_token_other_than(id, None).await
+    }
+
+    /// A fresh access token other than `stale`, which an upstream refused (the relay's retry
+    /// after `invalid_token`): a refresh, through the same single-flight lock, unless another
+    /// request already replaced `stale`.
+    #[tracing::instrument(skip_all)]
+    pub async fn replace_access_token(
+        &self,
+        id: &SessionId,
+        stale: &AccessToken,
+    ) -> Result<ForwardedToken, TokenError> {
+        self.access_token_other_than(id, Some(stale)).await
+    }
+
+    async fn access_token_other_than(
+        &self,
+        id: &SessionId,
+        stale: Option<&AccessToken>,
+    ) -> Result<ForwardedToken, TokenError> {
         let session = self
             .current_session(id)
             .await?
             .ok_or(TokenError::NoSession)?;
         let hash = id.hash();
-        let access_token = match self.fresh_cached_token(&hash).await? {
+        let access_token = match self.fresh_cached_token(&hash, stale).await? {
             Some(token) => token,
-            None => self.refresh_single_flight(&hash).await?,
+            None => self.refresh_single_flight(&hash, stale).await?,
         };
         Ok(ForwardedToken {
             access_token,
@@ -98,21 +119,25 @@ impl Broker {
         })
     }
 
-    async fn refresh_single_flight(&self, hash: &SessionIdHash) -> Result<AccessToken, TokenError> {
+    async fn refresh_single_flight(
+        &self,
+        hash: &SessionIdHash,
+        stale: Option<&AccessToken>,
+    ) -> Result<AccessToken, TokenError> {
         // The lock outlives the longest refresh (one IdP call), so it only expires on its own
         // when its holder died; waiters give up a little after that.
         let lock_ttl = self.config.idp_timeout + Duration::from_secs(5);
         let give_up = Instant::now() + lock_ttl + Duration::from_secs(1);
         loop {
             if let Some(lock) = self.cache.try_lock_refresh(hash, lock_ttl).await? {
-                let result = self.refresh_holding_lock(hash).await;
+                let result = self.refresh_holding_lock(hash, stale).await;
                 if let Err(error) = self.cache.unlock_refresh(hash, &lock).await {
                     tracing::warn!(%error, "could not release the refresh lock; it expires on its own");
                 }
                 return result;
             }
             tokio::time::sleep(WAIT_POLL).await;
-            if let Some(token) = self.fresh_cached_token(hash).await? {
+            if let Some(token) = self.fresh_cached_token(hash, stale).await? {
                 return Ok(token);
             }
             if Instant::now() >= give_up {
@@ -123,9 +148,13 @@ impl Broker {
         }
     }
 
-    async fn refresh_holding_lock(&self, hash: &SessionIdHash) -> Result<AccessToken, TokenError> {
+    async fn refresh_holding_lock(
+        &self,
+        hash: &SessionIdHash,
+        stale: Option<&AccessToken>,
+    ) -> Result<AccessToken, TokenError> {
         // Another replica may have refreshed between our look and our lock.
-        if let Some(token) = self.fresh_cached_token(hash).await? {
+        if let Some(token) = self.fresh_cached_token(hash, stale).await? {
             return Ok(token);
         }
         // The stored refresh token, read now: the one we may have seen before could be spent.

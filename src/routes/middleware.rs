@@ -17,7 +17,8 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers a cross-origin frontend may send (the relay's `X-CSRF` among them).
 const ALLOWED_REQUEST_HEADERS: &[&str] = &["accept", "content-type", "x-csrf", "x-request-id"];
-const ALLOWED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
+/// Every method the relay forwards.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// An incoming `X-Request-Id` is kept when it is short and plain; otherwise a new one is made.
 fn request_id(headers: &HeaderMap) -> String {

@@ -9,28 +9,42 @@ pub mod health;
 pub mod login;
 pub mod middleware;
 pub mod problem;
+pub mod relay;
 pub mod session;
 
 use actix_web::{web, HttpResponse, ResponseError};
 
 use problem::ApiError;
 
+/// `web::get()` and its siblings, with the `options` that actix lacks.
+mod method {
+    pub use actix_web::web::{delete, get, head, patch, post, put};
+
+    pub fn options() -> actix_web::Route {
+        actix_web::web::method(actix_web::http::Method::OPTIONS)
+    }
+}
+
 /// Declares every route once: the registration and the [`ROUTES`] list the OpenAPI test checks
-/// come from the same lines, so they cannot drift apart.
+/// come from the same lines, so they cannot drift apart. A line may name several methods
+/// (`get | post "/path"`), and a documented path may be matched by another actix pattern
+/// (`"/a/{rest}" matching "/a/{rest:.*}"`).
 macro_rules! route_table {
-    ($($method:ident $path:literal => $handler:path),* $(,)?) => {
-        /// Every `(method, path)` the app serves.
-        pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),*];
+    ($($($method:ident)|+ $path:literal $(matching $pattern:literal)? => $handler:path),* $(,)?) => {
+        /// Every `(method, path)` the app serves, paths as the OpenAPI document writes them.
+        pub const ROUTES: &[(&str, &str)] = &[$($((stringify!($method), $path),)+)*];
 
         fn register(config: &mut web::ServiceConfig) {
             // A resource answers a method it lacks itself (with an empty 405): give it a problem.
             $(config.service(
-                web::resource($path)
-                    .route(web::$method().to($handler))
+                web::resource(route_table!(@pattern $path $(, $pattern)?))
+                    $(.route(method::$method().to($handler)))+
                     .default_service(web::to(method_not_allowed)),
             );)*
         }
     };
+    (@pattern $path:literal) => { $path };
+    (@pattern $path:literal, $pattern:literal) => { $pattern };
 }
 
 route_table! {
@@ -39,10 +53,12 @@ route_table! {
     get "/session" => session::session,
     post "/logout" => session::logout,
     post "/backchannel-logout" => backchannel::backchannel_logout,
-    get "/auth" => forward_auth::forward_auth,
+    get | head | post | put | patch | delete | options "/auth" => forward_auth::forward_auth,
+    get | head | post | put | patch | delete | options "/auth/{path}" matching "/auth/{path:.*}" => forward_auth::forward_auth_with_path,
     get "/healthz" => health::healthz,
     get "/readyz" => health::readyz,
     get "/openapi.json" => health::openapi_json,
+    get | head | post | put | patch | delete | options "/api/{name}/{path}" matching "/api/{name}/{path:.*}" => relay::relay,
 }
 
 /// Mounts the routes, with problem+json for malformed queries and for unknown routes.

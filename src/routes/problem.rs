@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::domain::ReturnToError;
+use crate::flows::TokenError;
 use crate::oidc::IdpError;
 use crate::store::StoreError;
 
@@ -48,6 +49,26 @@ pub enum ApiError {
     IdpUnavailable(#[from] IdpError),
     #[error("a store is unavailable: {0}")]
     StoreUnavailable(#[from] StoreError),
+    /// The relay's `X-CSRF: 1` is missing: a cross-site form or `<img>` cannot send it.
+    #[error("the X-CSRF: 1 header is required")]
+    CsrfHeaderRequired,
+    #[error("the relay path is not allowed: {0}")]
+    PathNotAllowed(&'static str),
+    /// Logged where it happens (without the URL); the browser learns nothing more.
+    #[error("the upstream API is unavailable")]
+    UpstreamUnavailable,
+    #[error("the upstream API did not answer in time")]
+    UpstreamTimeout,
+}
+
+impl From<TokenError> for ApiError {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::NoSession => Self::NotAuthenticated,
+            TokenError::IdpUnavailable(cause) => Self::IdpUnavailable(cause),
+            TokenError::Store(cause) => Self::StoreUnavailable(cause),
+        }
+    }
 }
 
 impl ApiError {
@@ -64,6 +85,17 @@ impl ApiError {
             Self::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
             Self::IdpUnavailable(_) => ("idp-unavailable", "The identity provider is unavailable"),
             Self::StoreUnavailable(_) => ("unavailable", "The service is temporarily unavailable"),
+            Self::CsrfHeaderRequired => {
+                ("csrf-header-required", "The X-CSRF: 1 header is required")
+            }
+            Self::PathNotAllowed(_) => ("path-not-allowed", "The API path is not allowed"),
+            Self::UpstreamUnavailable => {
+                ("upstream-unavailable", "The upstream API is unavailable")
+            }
+            Self::UpstreamTimeout => (
+                "upstream-timeout",
+                "The upstream API did not answer in time",
+            ),
         }
     }
 
@@ -72,6 +104,7 @@ impl ApiError {
         let detail = match self {
             Self::InvalidReturnTo(reason) => Some(reason.to_string()),
             Self::InvalidRequest(reason) => Some(reason.clone()),
+            Self::PathNotAllowed(reason) => Some((*reason).to_string()),
             _ => None,
         };
         Problem {
@@ -88,7 +121,10 @@ impl ResponseError for ApiError {
         match self {
             Self::NotAuthenticated => StatusCode::UNAUTHORIZED,
             Self::InvalidReturnTo(_) | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::OriginNotAllowed | Self::CsrfHeaderRequired => StatusCode::FORBIDDEN,
+            Self::PathNotAllowed(_) => StatusCode::BAD_REQUEST,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::IdpUnavailable(_) | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

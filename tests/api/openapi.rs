@@ -60,3 +60,22 @@ async fn the_document_is_served() {
         token_broker::openapi::document_json()
     );
 }
+
+#[test]
+fn every_operation_has_a_unique_operation_id() {
+    let document: serde_json::Value =
+        serde_json::from_str(&token_broker::openapi::document_json()).unwrap();
+    let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if let Some(id) = operation.get("operationId").and_then(|id| id.as_str()) {
+                ids.entry(id.to_string())
+                    .or_default()
+                    .push(format!("{method} {path}"));
+            }
+        }
+    }
+    let shared: Vec<_> = ids.iter().filter(|(_, users)| users.len() > 1).collect();
+    assert!(shared.is_empty(), "operationIds used twice: {shared:?}");
+    assert!(ids.len() >= 20, "{ids:?}");
+}
