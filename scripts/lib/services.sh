@@ -262,3 +262,48 @@ ensure_psql() {
   command -v psql >/dev/null 2>&1 || apt_install postgresql-client ||
     die "the end-to-end test needs psql (Debian: postgresql-client)"
 }
+
+# --- gateways (tests/api/gateways.rs runs real nginx and Caddy) -----------------------------------------
+
+# gateway_path NAME: the binary on PATH, or in /usr/sbin (Debian's nginx, not on a user's PATH).
+gateway_path() {
+  command -v "$1" 2>/dev/null && return 0
+  [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"
+}
+
+# The packages' own services (nginx and Caddy both serve port 80) are not left running.
+stop_package_services() {
+  local name
+  for name in "$@"; do
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+      as_root systemctl disable --now "$name" >/dev/null 2>&1 || true
+    elif command -v service >/dev/null 2>&1; then
+      as_root service "$name" stop >/dev/null 2>&1 || true
+    fi
+  done
+}
+
+# nginx (with auth_request) and Caddy: $TOKEN_BROKER_NGINX / $TOKEN_BROKER_CADDY → PATH (and /usr/sbin)
+# → `apt-get install nginx caddy`. Exported for the tests, which fail (never skip) without them.
+ensure_gateways() {
+  local missing=() how="found"
+  TOKEN_BROKER_NGINX="${TOKEN_BROKER_NGINX:-$(gateway_path nginx)}"
+  TOKEN_BROKER_CADDY="${TOKEN_BROKER_CADDY:-$(gateway_path caddy)}"
+  [[ -n "$TOKEN_BROKER_NGINX" ]] || missing+=(nginx)
+  [[ -n "$TOKEN_BROKER_CADDY" ]] || missing+=(caddy)
+  if ((${#missing[@]})); then
+    apt_install "${missing[@]}" ||
+      die "the gateway tests (tests/api/gateways.rs) need: ${missing[*]}. Install (Debian: apt-get install --no-install-recommends ${missing[*]}; needs root or sudo), put on PATH, or set TOKEN_BROKER_NGINX / TOKEN_BROKER_CADDY"
+    stop_package_services "${missing[@]}"
+    TOKEN_BROKER_NGINX="${TOKEN_BROKER_NGINX:-$(gateway_path nginx)}"
+    TOKEN_BROKER_CADDY="${TOKEN_BROKER_CADDY:-$(gateway_path caddy)}"
+    [[ -n "$TOKEN_BROKER_NGINX" && -n "$TOKEN_BROKER_CADDY" ]] || die "${missing[*]} installed, but not found on PATH or in /usr/sbin"
+    how="installed ${missing[*]} with apt-get"
+  fi
+  [[ -x "$TOKEN_BROKER_NGINX" ]] || die "TOKEN_BROKER_NGINX=$TOKEN_BROKER_NGINX is not an executable"
+  [[ -x "$TOKEN_BROKER_CADDY" ]] || die "TOKEN_BROKER_CADDY=$TOKEN_BROKER_CADDY is not an executable"
+  "$TOKEN_BROKER_NGINX" -V 2>&1 | grep -q -- --with-http_auth_request_module ||
+    die "$TOKEN_BROKER_NGINX lacks the auth_request module (Debian's nginx has it); set TOKEN_BROKER_NGINX to one that has it"
+  export TOKEN_BROKER_NGINX TOKEN_BROKER_CADDY
+  say "gateways ($how): nginx $("$TOKEN_BROKER_NGINX" -v 2>&1 | sed 's#.*nginx/##') at $TOKEN_BROKER_NGINX, caddy $("$TOKEN_BROKER_CADDY" version 2>/dev/null | awk '{print $1}') at $TOKEN_BROKER_CADDY"
+}

@@ -333,3 +333,148 @@ fn dockerignore_keeps_build_output_and_dependencies_out_of_the_context() -> Test
     }
     Ok(())
 }
+
+// --- deploy/gateways: forward-auth examples (nginx.conf and the Caddyfile run in gateways.rs) ------
+
+fn yaml_documents(relative: &str) -> Result<Vec<serde_yaml::Value>, Box<dyn Error>> {
+    use serde::Deserialize;
+    let text = repo_file(relative)?;
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        documents.push(serde_yaml::Value::deserialize(document)?);
+    }
+    Ok(documents)
+}
+
+fn str_at<'a>(value: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a str> {
+    path.iter()
+        .try_fold(value, |value, key| value.get(*key))?
+        .as_str()
+}
+
+/// The names in a YAML list of strings (or of `{exact: name}` matchers), lower-cased.
+fn names(list: Option<&serde_yaml::Value>) -> Vec<String> {
+    list.and_then(serde_yaml::Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.as_str().or_else(|| item.get("exact")?.as_str()))
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+#[test]
+fn ingress_nginx_example_asks_the_broker_and_passes_its_token_on() -> TestResult {
+    let documents = yaml_documents("deploy/gateways/ingress-nginx.yaml")?;
+    let ingress = documents
+        .iter()
+        .find(|d| d["kind"] == "Ingress")
+        .ok_or("no Ingress")?;
+    let annotation = |name: &str| {
+        str_at(
+            ingress,
+            &[
+                "metadata",
+                "annotations",
+                &format!("nginx.ingress.kubernetes.io/{name}"),
+            ],
+        )
+        .ok_or(format!("the Ingress has no {name} annotation"))
+    };
+
+    assert!(annotation("auth-url")?.ends_with("/auth"));
+    let headers: Vec<_> = annotation("auth-response-headers")?
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    assert!(
+        headers.contains(&"authorization".into()) && headers.contains(&"x-auth-subject".into())
+    );
+    assert!(annotation("auth-signin")?.ends_with("/login"));
+    assert_eq!(annotation("auth-signin-redirect-param")?, "return_to");
+    assert!(
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"].is_string()
+    );
+    Ok(())
+}
+
+#[test]
+fn traefik_example_has_a_forward_auth_middleware_that_a_route_uses() -> TestResult {
+    let documents = yaml_documents("deploy/gateways/traefik.yaml")?;
+    let middleware = documents
+        .iter()
+        .find(|d| d["kind"] == "Middleware")
+        .ok_or("no Middleware")?;
+    let forward_auth = &middleware["spec"]["forwardAuth"];
+    let name = str_at(middleware, &["metadata", "name"]).ok_or("the Middleware has no name")?;
+    let route = documents
+        .iter()
+        .find(|d| d["kind"] == "IngressRoute")
+        .ok_or("no IngressRoute")?;
+
+    assert!(str_at(forward_auth, &["address"]).is_some_and(|a| a.ends_with("/auth")));
+    let headers = names(forward_auth.get("authResponseHeaders"));
+    assert!(
+        headers.contains(&"authorization".into()) && headers.contains(&"x-auth-subject".into())
+    );
+    assert_eq!(forward_auth["trustForwardHeader"], false);
+    let used: Vec<&str> = route["spec"]["routes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["middlewares"].as_sequence())
+        .flatten()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert!(
+        used.contains(&name),
+        "the IngressRoute does not use the `{name}` middleware"
+    );
+    Ok(())
+}
+
+#[test]
+fn envoy_example_checks_every_request_with_ext_authz_before_routing() -> TestResult {
+    let documents = yaml_documents("deploy/gateways/envoy.yaml")?;
+    let bootstrap = documents.first().ok_or("empty envoy.yaml")?;
+    let resources = &bootstrap["static_resources"];
+    let manager = &resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let filters = manager["http_filters"]
+        .as_sequence()
+        .ok_or("the listener has no http_filters")?;
+    let filter_names: Vec<_> = filters.iter().filter_map(|f| f["name"].as_str()).collect();
+    let ext_authz = &filters
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.ext_authz")
+        .ok_or("no ext_authz filter")?["typed_config"];
+    let service = &ext_authz["http_service"];
+    let clusters: Vec<_> = resources["clusters"]
+        .as_sequence()
+        .ok_or("no clusters")?
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+
+    assert_eq!(
+        filter_names,
+        ["envoy.filters.http.ext_authz", "envoy.filters.http.router"],
+        "ext_authz must run before the router"
+    );
+    assert!(str_at(ext_authz, &["@type"]).is_some_and(|t| t.ends_with("ext_authz.v3.ExtAuthz")));
+    assert_eq!(ext_authz["failure_mode_allow"], false);
+    assert!(
+        names(ext_authz["allowed_headers"].get("patterns")).contains(&"cookie".into()),
+        "the session cookie is not sent to the broker"
+    );
+    let upstream_headers =
+        names(service["authorization_response"]["allowed_upstream_headers"].get("patterns"));
+    assert!(
+        upstream_headers.contains(&"authorization".into())
+            && upstream_headers.contains(&"x-auth-subject".into())
+    );
+    // Envoy appends the request's path to this prefix; the broker answers /auth/{path}.
+    let prefix = str_at(service, &["path_prefix"]).ok_or("no path_prefix")?;
+    assert_eq!(prefix, "/auth", "path_prefix");
+    let cluster = str_at(service, &["server_uri", "cluster"]).ok_or("no server_uri.cluster")?;
+    assert!(clusters.contains(&cluster), "no cluster `{cluster}`");
+    Ok(())
+}
