@@ -18,8 +18,13 @@ import { listenOnFreePort, closeServer } from './ports.mjs';
  * @param {string} client.redirectUri
  * @param {string} client.postLogoutRedirectUri
  * @param {string} [client.backchannelLogoutUri]
+ * @param {object} [options]
+ * @param {number} [options.accessTokenTtl] access token lifetime in seconds (default 300); short in the
+ *   e2e run so that forward-auth has to refresh within seconds
+ * @param {boolean} [options.rotateRefreshToken] a new refresh token at every refresh, the old one
+ *   spent (default true): a client that presents a spent one makes the library revoke the whole grant
  */
-export async function startIdp(client) {
+export async function startIdp(client, { accessTokenTtl = 300, rotateRefreshToken = true } = {}) {
   const server = http.createServer();
   const port = await listenOnFreePort(server);
   const issuer = `http://127.0.0.1:${port}`;
@@ -28,8 +33,13 @@ export async function startIdp(client) {
 
   /** Every token the IdP handed out, so the test can prove none of them reaches the browser. */
   const issued = { accessTokens: [], refreshTokens: [], idTokens: [] };
-  /** Protocol events, in order, for assertions and for the failure log. */
+  /** Protocol events, in order, each with `at` (Date.now()), for assertions and for the failure log. */
   const events = [];
+  const record = (entry) => {
+    const withTime = { at: Date.now(), ...entry };
+    events.push(withTime);
+    return withTime;
+  };
 
   const provider = new Provider(issuer, {
     clients: [
@@ -64,7 +74,7 @@ export async function startIdp(client) {
     conformIdTokenClaims: false,
     // Explicit lifetimes (seconds), which also keeps the library from printing a notice for each default.
     ttl: {
-      AccessToken: 300,
+      AccessToken: accessTokenTtl,
       AuthorizationCode: 60,
       Grant: 3600,
       IdToken: 300,
@@ -72,6 +82,7 @@ export async function startIdp(client) {
       RefreshToken: 3600,
       Session: 3600,
     },
+    rotateRefreshToken,
     // The library refuses outgoing requests (back-channel logout) to special-use addresses such as
     // 127.0.0.1 as an SSRF guard; here the broker lives on loopback, so drop the guarded dispatcher.
     fetch: (url, options) => {
@@ -118,16 +129,40 @@ export async function startIdp(client) {
     if (body.access_token) issued.accessTokens.push(body.access_token);
     if (body.refresh_token) issued.refreshTokens.push(body.refresh_token);
     if (body.id_token) issued.idTokens.push(body.id_token);
-    events.push({ event: 'grant.success', grant_type: ctx.oidc.params.grant_type, scope: body.scope });
+    record({
+      event: 'grant.success',
+      grant_type: ctx.oidc.params.grant_type,
+      scope: body.scope,
+      expires_in: body.expires_in,
+      // Which token each is, without the token: index into `issued` (-1: none in this response).
+      access_token_index: body.access_token ? issued.accessTokens.length - 1 : -1,
+      rotated_refresh_token: Boolean(body.refresh_token && ctx.oidc.params.grant_type === 'refresh_token'),
+    });
+  });
+  provider.on('grant.error', (ctx, err) => {
+    record({ event: 'grant.error', grant_type: ctx?.oidc?.params?.grant_type, error: err?.message, detail: err?.error_description });
+  });
+  // Back-channel logout (the library awaits these before it answers the end-session confirmation).
+  provider.on('backchannel.success', (_ctx, c, accountId, sid) => {
+    record({ event: 'backchannel.success', client_id: c?.clientId, sub: accountId, sid });
+  });
+  provider.on('backchannel.error', (_ctx, err, c, accountId, sid) => {
+    const entry = record({
+      event: 'backchannel.error', client_id: c?.clientId, sub: accountId, sid,
+      error: err?.message, cause: err?.cause ? String(err.cause.code ?? err.cause.message ?? err.cause) : undefined,
+      status: err?.response?.status,
+    });
+    // The broker's answer says which check failed (problem+json `error_description`); read it in the background.
+    err?.response?.text?.().then((text) => { entry.response_body = text.slice(0, 1000); }, () => {});
   });
   for (const name of [
-    'authorization.success', 'authorization.error', 'grant.error', 'revocation.error', 'refresh_token.destroyed',
-    'grant.revoked', 'end_session.success', 'end_session.error', 'backchannel.success', 'backchannel.error',
+    'authorization.success', 'authorization.error', 'revocation.error', 'refresh_token.consumed',
+    'refresh_token.destroyed', 'grant.revoked', 'end_session.success', 'end_session.error', 'userinfo.error',
     'server_error',
   ]) {
     provider.on(name, (ctxOrErr, maybeErr, ...rest) => {
       const err = [ctxOrErr, maybeErr, ...rest].find((x) => x instanceof Error);
-      events.push({ event: name, ...(err ? { error: err.message, detail: err.error_description } : {}) });
+      record({ event: name, ...(err ? { error: err.message, detail: err.error_description } : {}) });
     });
   }
 
@@ -137,11 +172,20 @@ export async function startIdp(client) {
     issuer,
     issued,
     events,
-    /** Resolves when an event with this name has been seen, or after `timeoutMs` with false. */
-    async waitForEvent(name, timeoutMs = 5000) {
+    accessTokenTtl,
+    /** Events from index `since` on (take `events.length` as a mark before a step). */
+    eventsSince(since = 0, ...names) {
+      return events.slice(since).filter((e) => names.length === 0 || names.includes(e.event));
+    },
+    /**
+     * Resolves true when an event with one of these names (a string or an array) has been seen at or
+     * after index `since`, or false after `timeoutMs`.
+     */
+    async waitForEvent(name, timeoutMs = 5000, since = 0) {
+      const names = [name].flat();
       const deadline = Date.now() + timeoutMs;
       while (Date.now() < deadline) {
-        if (events.some((e) => e.event === name)) return true;
+        if (events.slice(since).some((e) => names.includes(e.event))) return true;
         await new Promise((r) => setTimeout(r, 50));
       }
       return false;

@@ -60,16 +60,31 @@ class RedisClient {
     socket.on('error', (e) => {
       for (const w of this.#waiting.splice(0)) w.reject(e);
     });
+    socket.on('close', () => {
+      for (const w of this.#waiting.splice(0)) w.reject(new Error('the Redis connection closed'));
+    });
   }
 
+  /** Sends one command; rejects when the connection is gone or no reply comes within `timeoutMs`. */
   command(...args) {
+    const timeoutMs = 10_000;
     const parts = [`*${args.length}\r\n`];
     for (const arg of args) {
       const s = String(arg);
       parts.push(`$${Buffer.byteLength(s)}\r\n${s}\r\n`);
     }
+    if (this.#socket.destroyed) return Promise.reject(new Error('the Redis connection is closed'));
     return new Promise((resolve, reject) => {
-      this.#waiting.push({ resolve, reject });
+      // A time limit per command, not an idle timeout on the socket: the connection may rightly sit
+      // idle for a long time between the test's first use and the clean-up.
+      const timer = setTimeout(() => {
+        this.#socket.destroy(new Error(`Redis did not answer ${args[0]} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const settle = (fn) => (value) => {
+        clearTimeout(timer);
+        fn(value);
+      };
+      this.#waiting.push({ resolve: settle(resolve), reject: settle(reject) });
       this.#socket.write(parts.join(''));
     });
   }
@@ -88,7 +103,6 @@ export async function connectRedis(redisUrl) {
     socket.once('connect', resolve);
     socket.once('error', reject);
   });
-  socket.setTimeout(10_000, () => socket.destroy(new Error('redis timed out')));
   const client = new RedisClient(socket);
   if (url.password) {
     const password = decodeURIComponent(url.password);
