@@ -8,40 +8,12 @@ use token_broker::domain::SessionId;
 
 use crate::helpers::*;
 
-/// `GET {base}/auth` as a gateway forwards it: the browser's cookies, nothing else.
-async fn forward_auth(http: &reqwest::Client, base: &str, browser: &Browser) -> reqwest::Response {
-    http.get(format!("{base}/auth"))
-        .header("cookie", browser.cookie_header())
-        .send()
-        .await
-        .expect("GET /auth")
-}
-
 fn bearer(response: &reqwest::Response) -> String {
     let value = response.headers()["authorization"].to_str().unwrap();
     value
         .strip_prefix("Bearer ")
         .expect("a Bearer token")
         .to_string()
-}
-
-fn session_hash_hex(browser: &Browser) -> String {
-    SessionId::parse(browser.session().unwrap())
-        .unwrap()
-        .hash()
-        .to_hex()
-}
-
-/// Forgets the cached access token, as its expiry would.
-async fn expire_cached_token(app: &TestApp, browser: &Browser) {
-    let mut redis = app.redis.connection().await;
-    let key = format!("{}at:{{{}}}", app.redis.prefix, session_hash_hex(browser));
-    let deleted: i64 = redis::cmd("DEL")
-        .arg(&key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 1, "{key} was cached");
 }
 
 async fn stored_refresh_token(app: &TestApp, browser: &Browser) -> String {
@@ -184,6 +156,7 @@ async fn two_hundred_concurrent_requests_on_three_replicas_cause_exactly_one_ref
     let browser = app.logged_in_browser("alice").await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(200)
+        .pool_idle_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     let mut previous = bearer(&forward_auth(&http, &app.address, &browser).await);

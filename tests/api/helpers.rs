@@ -219,6 +219,8 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut TestSetup)) -> TestApp {
     let settings = setup.settings.clone();
     let mut config = Config::from_settings(&setup.settings).expect("valid test configuration");
     config.jwks_refetch_interval = Duration::ZERO;
+    // Tests sweep explicitly (operations.rs): no background sweep racing their injected clocks.
+    config.sweep_interval = Duration::ZERO;
     (setup.customize_config)(&mut config);
     let application = Application::build_on(broker_listener, config, setup.clock)
         .await
@@ -226,11 +228,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut TestSetup)) -> TestApp {
     let broker = application.broker();
     tokio::spawn(application.run_until_stopped());
 
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let http = test_client();
     TestApp {
         address,
         settings,
@@ -643,19 +641,78 @@ pub async fn spawn_replica_with(app: &TestApp, customize: impl FnOnce(&mut Setti
     customize(&mut settings);
     let mut config = Config::from_settings(&settings).expect("valid replica configuration");
     config.jwks_refetch_interval = Duration::ZERO;
+    // Tests sweep explicitly (operations.rs): no background sweep racing their injected clocks.
+    config.sweep_interval = Duration::ZERO;
     let application = Application::build_on(listener, config, Arc::new(SystemClock))
         .await
         .expect("start the replica");
     let broker = application.broker();
     tokio::spawn(application.run_until_stopped());
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let http = test_client();
     Replica {
         address,
         broker,
         http,
     }
+}
+
+/// `GET {base}/auth` as a gateway forwards it: the browser's cookies, nothing else.
+pub async fn forward_auth(
+    http: &reqwest::Client,
+    base: &str,
+    browser: &Browser,
+) -> reqwest::Response {
+    http.get(format!("{base}/auth"))
+        .header("cookie", browser.cookie_header())
+        .send()
+        .await
+        .expect("GET /auth")
+}
+
+/// The hex SHA-256 of the browser's session ID, as the stores key it.
+pub fn session_hash_hex(browser: &Browser) -> String {
+    token_broker::domain::SessionId::parse(browser.session().expect("a session cookie"))
+        .expect("a well-formed session cookie")
+        .hash()
+        .to_hex()
+}
+
+/// Forgets the session's cached access token, as its expiry would.
+pub async fn expire_cached_token(app: &TestApp, browser: &Browser) {
+    let mut redis = app.redis.connection().await;
+    let key = format!("{}at:{{{}}}", app.redis.prefix, session_hash_hex(browser));
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "{key} was cached");
+}
+
+/// Opens a sealed access-token cache entry (`{prefix}at:{hash}`) and returns the token in it.
+pub fn open_cached_access_token(
+    cipher: &token_broker::crypto::Cipher,
+    key: &str,
+    sealed: &str,
+) -> String {
+    let opened = cipher
+        .open_string(sealed, key.as_bytes())
+        .expect("the cache entry opens under the configured key");
+    let cached: serde_json::Value = serde_json::from_slice(&opened).expect("JSON inside");
+    cached["token"]
+        .as_str()
+        .expect("the cached entry holds the token")
+        .to_string()
+}
+
+/// An HTTP client as the tests use it: no redirects followed, a 20 s time-out, and idle
+/// connections dropped before the broker's 5 s keep-alive closes them (reusing a connection the
+/// server is closing at that moment fails with `IncompleteMessage`).
+pub fn test_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
 }

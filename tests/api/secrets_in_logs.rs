@@ -151,10 +151,7 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
         ],
     );
     process.wait_for_line("token-broker listening").await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = test_client();
     assert_eq!(
         http.get(format!("{broker}/readyz"))
             .send()
@@ -204,12 +201,7 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
         .into_iter()
         .find(|(k, _)| *k == at_key)
         .unwrap();
-    let access_token = String::from_utf8(
-        cipher
-            .open_string(&sealed_access_token, at_key.as_bytes())
-            .unwrap(),
-    )
-    .unwrap();
+    let access_token = open_cached_access_token(&cipher, &at_key, &sealed_access_token);
 
     // A refused login, then a logout.
     let mut refused = Session {
@@ -233,7 +225,11 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
         .await
         .unwrap();
     assert_eq!(logout.status(), 200);
-    assert_eq!(idp.stats().revocations, 1);
+    assert_eq!(
+        idp.stats().revocations,
+        2,
+        "the refresh and the access token"
+    );
     let (status, log) = process.terminate().await;
 
     // Assert: the log is real — request lines with their route and ID — and it stopped cleanly.

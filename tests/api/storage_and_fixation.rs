@@ -189,12 +189,7 @@ async fn redis_holds_no_cookie_state_nonce_or_token_in_plaintext() {
         .iter()
         .find(|(k, _)| *k == at_key)
         .expect("access token cached");
-    let access_token = String::from_utf8(
-        app.cipher()
-            .open_string(sealed_access_token, at_key.as_bytes())
-            .unwrap(),
-    )
-    .unwrap();
+    let access_token = open_cached_access_token(&app.cipher(), &at_key, sealed_access_token);
     let segments: Vec<&str> = access_token.split('.').collect();
     assert_eq!(segments.len(), 3, "a JWS compact serialization");
     let header: serde_json::Value = serde_json::from_slice(
