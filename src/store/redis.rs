@@ -8,14 +8,20 @@
 //! | `{prefix}lock:{<hash>}` | the refresh lock: its holder's random token | a bound on one refresh |
 //! | `{prefix}seen:<sha256(id)>` | `1`: a logout token's `jti` already used | until the token could expire |
 //!
-//! `<hash>` is the hex SHA-256 of the session ID, inside `{…}` so that a session's keys share a
-//! Redis Cluster slot. Nothing here is needed for a live session to survive a Redis flush: the
-//! session cache is rebuilt from PostgreSQL on a miss.
+//! `<hash>` is the hex SHA-256 of the session ID, inside `{…}` (a Redis Cluster hash tag): a
+//! session's view (or tombstone), token cache and lock share one slot, so the `MULTI` that ends
+//! a session (view and token cache at once) works on a cluster, while different sessions spread
+//! over the masters. Every other command and script touches one key; there is no `KEYS`/`SCAN`.
+//! The prefix may not contain braces (config), so it never becomes the tag. Nothing here is
+//! needed for a live session to survive a Redis flush: the session cache is rebuilt from
+//! PostgreSQL on a miss.
+//!
+//! `REDIS_URL` may name one server, a cluster or a Sentinel-managed master (`topology`);
+//! `connection::Connection` hides which. `PING` (readiness) goes to every cluster master.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
@@ -25,17 +31,23 @@ use super::{
 use crate::crypto::{random_token, Cipher};
 use crate::domain::{SessionIdHash, State};
 
+mod connection;
+pub mod topology;
+
+use connection::Connection;
+use topology::RedisTopology;
+
 const ENDED: &str = "ended";
 /// How long a tombstone stays: far longer than any request that might re-cache the session.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
-/// Sets the session view unless a tombstone is there (atomic on the server).
 /// Deletes a lock only while it still holds the caller's token.
 const DELETE_IF_OWNED: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ";
 
+/// Sets the session view unless a tombstone is there (atomic on the server).
 const PUT_UNLESS_ENDED: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[3] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -44,7 +56,7 @@ return 1
 
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: String,
     cipher: Cipher,
     put_unless_ended: Script,
@@ -55,13 +67,10 @@ impl RedisStore {
     /// Connects (failing fast when Redis does not answer) with bounded command time-outs, so a
     /// hung Redis turns into an error instead of a hung request.
     pub async fn connect(url: &str, prefix: &str, cipher: Cipher) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(2))
-            .set_number_of_retries(2)
-            .set_max_delay(500);
-        let connection = ConnectionManager::new_with_config(client, config).await?;
+        let topology = RedisTopology::parse(url).map_err(|message| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "URL", message))
+        })?;
+        let connection = Connection::connect(topology).await?;
         Ok(Self {
             connection,
             prefix: prefix.to_string(),

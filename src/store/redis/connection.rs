@@ -1,0 +1,217 @@
+//! One connection type for the three Redis topologies, so the store's commands and scripts run
+//! unchanged on each: a single server, a Redis Cluster, or a Sentinel-managed master.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    Cmd, ConnectionAddr, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, TlsMode, Value,
+};
+
+use super::topology::RedisTopology;
+
+/// Bounded time-outs everywhere, so a hung Redis turns into an error instead of a hung request.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub enum Connection {
+    Single(ConnectionManager),
+    /// Routes each command by its key's hash slot and follows `MOVED`/`ASK` redirections.
+    Cluster(ClusterConnection),
+    Sentinel(SentinelConnection),
+}
+
+impl Connection {
+    /// Connects, failing fast when Redis does not answer.
+    pub async fn connect(topology: RedisTopology) -> RedisResult<Self> {
+        match topology {
+            RedisTopology::Single(info) => {
+                let client = redis::Client::open(info)?;
+                let manager = ConnectionManager::new_with_config(client, manager_config()).await?;
+                Ok(Self::Single(manager))
+            }
+            RedisTopology::Cluster(nodes) => {
+                let cluster = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(CONNECTION_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .retries(2)
+                    .build()?
+                    .get_async_connection()
+                    .await?;
+                Ok(Self::Cluster(cluster))
+            }
+            RedisTopology::Sentinel {
+                sentinels,
+                master_name,
+                master,
+            } => Ok(Self::Sentinel(
+                SentinelConnection::connect(sentinels, master_name, master).await?,
+            )),
+        }
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(CONNECTION_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT)
+        .set_number_of_retries(2)
+        .set_max_delay(500)
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+            Self::Sentinel(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Sentinel(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+            Self::Sentinel(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// A connection to the master that Sentinel names, asking Sentinel again when the master stops
+/// answering or turns out to be a replica (after a fail-over). The `redis` crate's
+/// `ConnectionManager` alone would keep reconnecting to the old address.
+#[derive(Clone)]
+pub struct SentinelConnection {
+    shared: Arc<SentinelShared>,
+}
+
+struct SentinelShared {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    /// The current master connection and a generation number, bumped on every re-resolution so
+    /// that many requests failing at once ask Sentinel only once.
+    current: RwLock<(u64, ConnectionManager)>,
+}
+
+impl SentinelConnection {
+    async fn connect(
+        sentinels: Vec<redis::ConnectionInfo>,
+        master_name: String,
+        master: redis::ConnectionInfo,
+    ) -> RedisResult<Self> {
+        let node = SentinelNodeConnectionInfo {
+            tls_mode: match master.addr {
+                ConnectionAddr::TcpTls { insecure, .. } if insecure => Some(TlsMode::Insecure),
+                ConnectionAddr::TcpTls { .. } => Some(TlsMode::Secure),
+                _ => None,
+            },
+            redis_connection_info: Some(master.redis),
+        };
+        let mut sentinel = SentinelClient::build(
+            sentinels,
+            master_name,
+            Some(node),
+            SentinelServerType::Master,
+        )?;
+        let manager = master_connection(&mut sentinel).await?;
+        Ok(Self {
+            shared: Arc::new(SentinelShared {
+                sentinel: tokio::sync::Mutex::new(sentinel),
+                current: RwLock::new((0, manager)),
+            }),
+        })
+    }
+
+    fn current(&self) -> (u64, ConnectionManager) {
+        match self.shared.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Asks Sentinel for the master again, unless another request already did since `seen`.
+    async fn reresolve(&self, seen: u64) {
+        let mut sentinel = self.shared.sentinel.lock().await;
+        if self.current().0 != seen {
+            return;
+        }
+        match master_connection(&mut sentinel).await {
+            Ok(manager) => {
+                let mut current = match self.shared.current.write() {
+                    Ok(current) => current,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                *current = (seen + 1, manager);
+                tracing::info!("reconnected to the Redis master that Sentinel names");
+            }
+            Err(error) => tracing::warn!(%error, "Sentinel did not name a reachable Redis master"),
+        }
+    }
+}
+
+async fn master_connection(sentinel: &mut SentinelClient) -> RedisResult<ConnectionManager> {
+    let client = sentinel.async_get_client().await?;
+    ConnectionManager::new_with_config(client, manager_config()).await
+}
+
+/// The error a stale master gives: unreachable, or demoted to a read-only replica.
+fn master_may_have_moved(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::ReadOnly
+        || error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+}
+
+impl ConnectionLike for SentinelConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (generation, mut connection) = self.current();
+            let result = connection.req_packed_command(cmd).await;
+            if matches!(&result, Err(error) if master_may_have_moved(error)) {
+                // This request fails (it may have been applied); the next one goes to the new master.
+                self.reresolve(generation).await;
+            }
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (generation, mut connection) = self.current();
+            let result = connection
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            if matches!(&result, Err(error) if master_may_have_moved(error)) {
+                self.reresolve(generation).await;
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().1.get_db()
+    }
+}
