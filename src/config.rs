@@ -91,6 +91,10 @@ pub struct Settings {
     /// Time-out of every call to the IdP [default: 10s]
     #[arg(long, global = true, env = "BROKER_IDP_TIMEOUT")]
     pub idp_timeout: Option<String>,
+    /// After SIGTERM, how long to keep serving with /readyz at 503 before closing the listener
+    /// [default: 0s]
+    #[arg(long, global = true, env = "BROKER_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,9 @@ pub struct Config {
     pub redis_key_prefix: String,
     pub run_migrations: bool,
     pub idp_timeout: Duration,
+    /// After SIGTERM: serving on, with `/readyz` at 503, this long before the listener closes
+    /// and in-flight requests drain (load balancers that route by readiness stop first).
+    pub shutdown_delay: Duration,
     /// The least time between two JWKS fetches caused by an unknown `kid` (not a variable: tests
     /// shorten it). A flood of tokens with made-up `kid`s costs the IdP one fetch per interval.
     pub jwks_refetch_interval: Duration,
@@ -384,8 +391,10 @@ impl Config {
             .required("REDIS_URL", "redis-url", &settings.redis_url)
             .map(ConnectionUrl::new);
         if let Some(url) = &redis_url {
-            if !(url.secret().starts_with("redis://") || url.secret().starts_with("rediss://")) {
-                check.problem("REDIS_URL", "must be a redis:// or rediss:// URL");
+            // One server, a cluster or a Sentinel master (store::redis::topology has the forms).
+            if let Err(problem) = crate::store::redis::topology::RedisTopology::parse(url.secret())
+            {
+                check.problem("REDIS_URL", problem);
             }
         }
 
@@ -401,6 +410,10 @@ impl Config {
         );
         let login_ttl = check.duration("BROKER_LOGIN_TTL", &settings.login_ttl, "10m");
         let idp_timeout = check.duration("BROKER_IDP_TIMEOUT", &settings.idp_timeout, "10s");
+        let shutdown_delay = match settings.shutdown_delay.as_deref().map(str::trim) {
+            None | Some("0" | "0s") => Duration::ZERO,
+            Some(_) => check.duration("BROKER_SHUTDOWN_DELAY", &settings.shutdown_delay, "0s"),
+        };
         let api_connect_timeout = check.duration(
             "BROKER_API_CONNECT_TIMEOUT",
             &settings.api_connect_timeout,
@@ -499,6 +512,7 @@ impl Config {
                 redis_key_prefix,
                 run_migrations,
                 idp_timeout,
+                shutdown_delay,
                 jwks_refetch_interval: Duration::from_secs(10),
                 sweep_interval: Duration::from_secs(60),
                 sweep_batch: 500,
@@ -690,6 +704,28 @@ mod tests {
     }
 
     #[test]
+    fn the_shutdown_delay_defaults_to_zero_and_takes_a_duration() {
+        let mut settings = valid();
+        assert_eq!(
+            Config::from_settings(&settings).unwrap().shutdown_delay,
+            Duration::ZERO
+        );
+        settings.shutdown_delay = Some("0s".into());
+        assert_eq!(
+            Config::from_settings(&settings).unwrap().shutdown_delay,
+            Duration::ZERO
+        );
+        settings.shutdown_delay = Some("5s".into());
+        assert_eq!(
+            Config::from_settings(&settings).unwrap().shutdown_delay,
+            Duration::from_secs(5)
+        );
+        settings.shutdown_delay = Some("soon".into());
+        let text = Config::from_settings(&settings).unwrap_err().to_string();
+        assert!(text.contains("BROKER_SHUTDOWN_DELAY"), "{text}");
+    }
+
+    #[test]
     fn durations_and_routes_parse() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
@@ -723,5 +759,29 @@ mod tests {
         assert!(Config::from_settings(&settings).is_ok());
         settings.oidc_issuer = Some("http://localhost:9000/realm".into());
         assert!(Config::from_settings(&settings).is_ok());
+    }
+
+    #[test]
+    fn redis_url_may_name_a_server_a_cluster_or_a_sentinel_master() {
+        let mut settings = valid();
+        for url in [
+            "redis://:redispass@redis:6380/1",
+            "redis+cluster://:redispass@a:7000,b:7001",
+            "redis://:redispass@a:7000,redis://:redispass@b:7001",
+            "redis+sentinel://:redispass@s1:26379,s2:26379/mymaster/2",
+        ] {
+            settings.redis_url = Some(url.into());
+            assert!(Config::from_settings(&settings).is_ok(), "{url}");
+        }
+        for url in [
+            "memcached://:redispass@x",
+            "redis+sentinel://:redispass@s1:26379",
+        ] {
+            settings.redis_url = Some(url.into());
+            let text = Config::from_settings(&settings).unwrap_err().to_string();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            assert!(text.starts_with("REDIS_URL: "), "{text}");
+            assert!(!text.contains("redispass"), "{text}");
+        }
     }
 }

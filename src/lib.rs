@@ -14,6 +14,7 @@
 //! - [`oidc`]: the IdP client — discovery, JWKS, ID-token verification, token and revocation calls.
 //! - [`store`]: the store traits and their Redis and PostgreSQL implementations.
 //! - [`crypto`]: randomness, hashing, and AES-256-GCM encryption at rest with key rotation.
+//! - [`metrics`]: the Prometheus registry behind `/metrics`.
 //! - [`config`], [`telemetry`], [`clock`], [`startup`], [`cli`]: wiring.
 //! - [`admin`]: operator commands — `sessions list|revoke`, `rotate-keys`.
 //! - [`dev`]: `token-broker dev` — in-memory stores, the built-in IdP, a demo page.
@@ -35,6 +36,7 @@ pub mod dev;
 pub mod dev_idp;
 pub mod domain;
 pub mod flows;
+pub mod metrics;
 pub mod oidc;
 pub mod openapi;
 pub mod routes;

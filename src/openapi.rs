@@ -4,7 +4,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{backchannel, forward_auth, health, login, problem, relay, session};
+use crate::routes::{backchannel, forward_auth, health, login, metrics, problem, relay, session};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,7 @@ use crate::routes::{backchannel, forward_auth, health, login, problem, relay, se
         forward_auth::forward_auth_with_path,
         health::healthz,
         health::readyz,
+        metrics::metrics,
         health::openapi_json,
         relay::relay,
     ),
@@ -33,7 +34,7 @@ use crate::routes::{backchannel, forward_auth, health, login, problem, relay, se
         (name = "identity-provider", description = "What the IdP calls: back-channel logout"),
         (name = "forward-auth", description = "What a gateway calls: access tokens for upstream APIs"),
         (name = "relay", description = "What the frontend calls: upstream APIs with the session's access token"),
-        (name = "operations", description = "Probes and the API description"),
+        (name = "operations", description = "Probes, metrics and the API description"),
     )
 )]
 pub struct ApiDoc;

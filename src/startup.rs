@@ -15,6 +15,7 @@ use crate::crypto::Cipher;
 use crate::flows::relay::Relay;
 use crate::flows::sweep::{spawn_background_sweep, SweepTask};
 use crate::flows::Broker;
+use crate::metrics::Metrics;
 use crate::oidc::Provider;
 use crate::routes::health::Readiness;
 use crate::routes::{self, middleware};
@@ -128,7 +129,8 @@ impl Application {
                 "BROKER_PUBLIC_URL is plain http: cookies are not Secure. Use this for local development only."
             );
         }
-        let provider = Arc::new(Provider::new(&config)?);
+        let metrics = Arc::new(Metrics::new());
+        let provider = Arc::new(Provider::new(&config)?.with_metrics(metrics.clone()));
 
         // Warm the discovery cache without holding up start-up; /readyz reports a failure.
         let warm = provider.clone();
@@ -146,6 +148,7 @@ impl Application {
             cache: stores.cache,
             sessions: stores.sessions,
             clock,
+            metrics,
         });
         let readiness = web::Data::new(Readiness::default());
         let relay = web::Data::new(Relay::new(&broker.config)?);
@@ -197,18 +200,28 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until SIGTERM or SIGINT: then `/readyz` turns 503 at once, in-flight requests
-    /// finish (bounded by the grace period), and the future resolves. The background sweep
+    /// Serves until SIGTERM or SIGINT: then `/readyz` turns 503 at once; after
+    /// `BROKER_SHUTDOWN_DELAY` (still serving, so a load balancer that routes by readiness can
+    /// stop first) the listener closes, idle kept-alive connections close, requests in flight
+    /// finish (bounded by the grace period, 25 s), and the future resolves. The background sweep
     /// stops with the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let readiness = self.readiness.clone();
         let signals = self.signals;
         let sweep = self.sweep;
+        let delay = self.broker.config.shutdown_delay;
         tokio::spawn(async move {
             signals.recv().await;
-            tracing::info!("shutdown signal received: draining");
             readiness.start_draining();
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_s = delay.as_secs_f64(),
+                    "shutdown signal received: /readyz is 503; serving on until the delay ends"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!("shutdown signal received: draining");
             handle.stop(true).await;
         });
         let result = self.server.await;

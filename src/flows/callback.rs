@@ -53,6 +53,7 @@ impl Broker {
         let fallback = || self.config.default_return_to.clone();
         let fail = |code: LoginErrorCode, return_to: ReturnTo, reason: &dyn std::fmt::Display| {
             tracing::warn!(login_error = %code, reason = %reason, "login failed");
+            self.metrics.login_failed(code);
             LoginFailure { code, return_to }
         };
 
@@ -66,7 +67,10 @@ impl Broker {
                     &"unknown, used or expired state",
                 ))
             }
-            Err(error) => return Err(fail(LoginErrorCode::Unavailable, fallback(), &error)),
+            Err(error) => {
+                self.metrics.store_error(&error);
+                return Err(fail(LoginErrorCode::Unavailable, fallback(), &error));
+            }
         };
         let return_to = pending.return_to.clone();
         let failed = |code, reason: &dyn std::fmt::Display| fail(code, return_to.clone(), reason);
@@ -181,6 +185,7 @@ impl Broker {
         // session ended, so a planted cookie is never promoted to a logged-in session.
         if let Some(old) = replaced_session {
             if let Err(error) = self.end_session(&old.hash()).await {
+                self.metrics.store_error(&error);
                 tracing::warn!(%error, "could not end the session this login replaces");
             }
         }
@@ -198,6 +203,7 @@ impl Broker {
             expires_at: now + chrono_duration(self.config.session_max_lifetime),
         };
         if let Err(error) = self.sessions.insert(&record).await {
+            self.metrics.store_error(&error);
             return Err(failed(LoginErrorCode::Unavailable, &error));
         }
         // PostgreSQL is the truth; the caches only save work, so their failure is not the login's.
@@ -206,10 +212,12 @@ impl Broker {
             .put(&hash, &record.view(), self.cache_ttl(&record.view(), now))
             .await
         {
+            self.metrics.store_error(&error);
             tracing::warn!(%error, "could not cache the new session");
         }
         self.cache_access_token(&hash, &tokens, now).await;
         tracing::info!(session = %record.id, "login completed");
+        self.metrics.login_completed();
         Ok(LoginSuccess {
             session_id,
             return_to,

@@ -67,6 +67,7 @@ impl Broker {
             .append_pair("nonce", nonce.secret())
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256");
+        self.metrics.login_started();
         Ok(LoginRedirect {
             authorization_url: authorization_url.into(),
             binding,

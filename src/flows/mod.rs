@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::oidc::Provider;
 use crate::store::{LoginStore, SessionCache, SessionRepository};
 
@@ -40,6 +41,8 @@ pub struct Broker {
     pub cache: Arc<dyn SessionCache>,
     pub sessions: Arc<dyn SessionRepository>,
     pub clock: Arc<dyn Clock>,
+    /// Shared with the provider (IdP call durations) and the request log.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The `login_error` codes a frontend can see (SPEC "Login errors the frontend can see").

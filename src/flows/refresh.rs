@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 
 use super::{chrono_duration, Broker};
 use crate::domain::{AccessToken, SessionId, SessionIdHash};
+use crate::metrics::RefreshOutcome;
 use crate::oidc::id_token::Expectations;
 use crate::oidc::{IdpError, OAuthErrorCode, TokenResponse};
 use crate::store::{CachedAccessToken, SessionRecord, StoreError};
@@ -62,6 +63,7 @@ impl Broker {
             refresh_at: now + chrono_duration(lifetime - margin),
         };
         if let Err(error) = self.cache.put_access_token(hash, &cached, lifetime).await {
+            self.metrics.store_error(&error);
             tracing::warn!(%error, "could not cache the access token");
         }
     }
@@ -132,6 +134,7 @@ impl Broker {
             if let Some(lock) = self.cache.try_lock_refresh(hash, lock_ttl).await? {
                 let result = self.refresh_holding_lock(hash, stale).await;
                 if let Err(error) = self.cache.unlock_refresh(hash, &lock).await {
+                    self.metrics.store_error(&error);
                     tracing::warn!(%error, "could not release the refresh lock; it expires on its own");
                 }
                 return result;
@@ -157,20 +160,33 @@ impl Broker {
         if let Some(token) = self.fresh_cached_token(hash, stale).await? {
             return Ok(token);
         }
+        let (result, outcome) = self.refresh_grant(hash).await;
+        self.metrics.refresh(outcome);
+        result
+    }
+
+    /// One refresh grant for the session, with how it ended (`refreshes_total{outcome}`).
+    async fn refresh_grant(
+        &self,
+        hash: &SessionIdHash,
+    ) -> (Result<AccessToken, TokenError>, RefreshOutcome) {
+        let gone = |result: Result<Option<SessionRecord>, StoreError>| match result {
+            Ok(_) => (Err(TokenError::NoSession), RefreshOutcome::SessionGone),
+            Err(error) => (Err(error.into()), RefreshOutcome::StoreError),
+        };
         // The stored refresh token, read now: the one we may have seen before could be spent.
         let record = match self.sessions.find(hash).await {
             Ok(Some(record)) => record,
-            Ok(None) => return Err(TokenError::NoSession),
+            Ok(None) => return gone(Ok(None)),
             Err(StoreError::Sealed(error)) => {
                 tracing::warn!(%error, "ending a session whose tokens cannot be opened");
-                self.end_session(hash).await?;
-                return Err(TokenError::NoSession);
+                return gone(self.end_session(hash).await);
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => return gone(Err(error)),
         };
         let Some(refresh_token) = record.refresh_token.clone() else {
             tracing::info!(session = %record.id, "no refresh token (no offline_access): the session cannot get a new access token");
-            return Err(TokenError::NoSession);
+            return (Err(TokenError::NoSession), RefreshOutcome::NoRefreshToken);
         };
         let tokens = match self.provider.refresh(&refresh_token).await {
             Ok(tokens) => tokens,
@@ -180,29 +196,37 @@ impl Broker {
             }) => {
                 tracing::info!(session = %record.id, idp_error_description = description.as_deref().unwrap_or(""),
                     "the IdP refused the refresh token (invalid_grant): ending the session");
-                self.end_session(hash).await?;
-                return Err(TokenError::NoSession);
+                let result = match self.end_session(hash).await {
+                    Ok(_) => Err(TokenError::NoSession),
+                    Err(error) => Err(error.into()),
+                };
+                return (result, RefreshOutcome::InvalidGrant);
             }
             Err(error) => {
                 tracing::warn!(session = %record.id, %error, "refresh failed; the session is kept");
-                return Err(TokenError::IdpUnavailable(error));
+                return (
+                    Err(TokenError::IdpUnavailable(error)),
+                    RefreshOutcome::IdpUnavailable,
+                );
             }
         };
         let id_token = self.refreshed_id_token(&record, &tokens).await;
         // RFC 6749 §6: without a new refresh token, the old one stays valid.
         let refresh_token = tokens.refresh_token.clone().unwrap_or(refresh_token);
         // Committed before the lock is released: nobody can present the old token again.
-        if !self
+        match self
             .sessions
             .update_tokens(record.id, Some(&refresh_token), &id_token)
-            .await?
+            .await
         {
-            return Err(TokenError::NoSession);
+            Ok(true) => {}
+            Ok(false) => return gone(Ok(None)),
+            Err(error) => return gone(Err(error)),
         }
         self.cache_access_token(hash, &tokens, self.clock.now())
             .await;
         tracing::info!(session = %record.id, "access token refreshed");
-        Ok(tokens.access_token)
+        (Ok(tokens.access_token), RefreshOutcome::Success)
     }
 
     /// The ID token to keep after a refresh: a new one if it verifies and names the same subject

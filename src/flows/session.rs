@@ -65,6 +65,7 @@ impl Broker {
             Ok(CacheLookup::Unknown) => None,
             Err(error) => {
                 // Losing Redis must not log everyone out: PostgreSQL answers instead.
+                self.metrics.store_error(&error);
                 tracing::warn!(%error, "session cache unavailable; reading PostgreSQL");
                 None
             }
@@ -106,6 +107,7 @@ impl Broker {
                 .put(&hash, &session, self.cache_ttl(&session, now))
                 .await
             {
+                self.metrics.store_error(&error);
                 tracing::warn!(%error, "could not cache the session");
             }
         }

@@ -63,6 +63,26 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// Recounts the `live_sessions` gauge when its count is older than
+    /// [`crate::metrics::LIVE_SESSIONS_MAX_AGE`] (one `count(*)` per replica per 30 s at most,
+    /// however often `/metrics` is scraped); a failure keeps the last value.
+    pub async fn recount_live_sessions(&self) {
+        if !self.metrics.claim_live_sessions_recount() {
+            return;
+        }
+        let now = self.clock.now();
+        let idle_cutoff = now - chrono_duration(self.config.session_idle_timeout);
+        match self.sessions.count_live(now, idle_cutoff).await {
+            Ok(count) => self.metrics.set_live_sessions(count),
+            Err(error) => {
+                self.metrics.store_error(&error);
+                tracing::warn!(%error, "could not count the live sessions");
+            }
+        }
+    }
+}
+
 /// How long to wait before the next sweep: the interval, ±25 % at random, so that replicas
 /// started together drift apart instead of contending for the lock every time.
 fn next_delay(interval: Duration) -> Duration {
@@ -93,7 +113,10 @@ pub fn spawn_background_sweep(broker: Arc<Broker>) -> Option<SweepTask> {
                         tracing::debug!("another replica is sweeping expired sessions");
                     }
                 }
-                Err(error) => tracing::warn!(%error, "expired-session sweep failed"),
+                Err(error) => {
+                    broker.metrics.store_error(&error);
+                    tracing::warn!(%error, "expired-session sweep failed");
+                }
             }
         }
     });
@@ -147,6 +170,7 @@ mod tests {
             cache: stores.cache,
             sessions: stores.sessions,
             clock,
+            metrics: Default::default(),
         }
     }
 

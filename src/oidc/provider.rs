@@ -16,6 +16,7 @@ use std::sync::Arc;
 use super::error::IdpError;
 use crate::config::Config;
 use crate::domain::ClientSecret;
+use crate::metrics::{IdpEndpoint, Metrics};
 
 const METADATA_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Discovery and JWKS documents larger than this are refused.
@@ -70,6 +71,7 @@ pub struct Provider {
     metadata_refresh: tokio::sync::Mutex<()>,
     keys: RwLock<Option<Arc<Vec<VerificationKey>>>>,
     keys_refresh: tokio::sync::Mutex<Option<Instant>>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Provider {
@@ -92,7 +94,14 @@ impl Provider {
             metadata_refresh: tokio::sync::Mutex::new(()),
             keys: RwLock::new(None),
             keys_refresh: tokio::sync::Mutex::new(None),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Records the durations of IdP calls in `metrics` (shared with the broker's).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn issuer(&self) -> &str {
@@ -140,7 +149,21 @@ impl Provider {
         }
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, IdpError> {
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        endpoint: IdpEndpoint,
+    ) -> Result<T, IdpError> {
+        let started = Instant::now();
+        let result = self.get_json_untimed(url).await;
+        self.metrics.idp_request(endpoint, started.elapsed());
+        result
+    }
+
+    async fn get_json_untimed<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<T, IdpError> {
         let response = self
             .http
             .get(url)
@@ -160,7 +183,7 @@ impl Provider {
             "{}/.well-known/openid-configuration",
             self.issuer.trim_end_matches('/')
         );
-        let metadata: ProviderMetadata = self.get_json(&url).await?;
+        let metadata: ProviderMetadata = self.get_json(&url, IdpEndpoint::Discovery).await?;
         // OIDC Discovery §4.3: the issuer in the document must be exactly the one we asked.
         if metadata.issuer != self.issuer {
             return Err(IdpError::InvalidResponse(format!(
@@ -236,7 +259,7 @@ impl Provider {
         }
         *last_attempt = Some(Instant::now());
         let metadata = self.metadata().await?;
-        let set: JwkSet = self.get_json(&metadata.jwks_uri).await?;
+        let set: JwkSet = self.get_json(&metadata.jwks_uri, IdpEndpoint::Jwks).await?;
         let keys = Arc::new(usable_keys(&set));
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys.clone());
         Ok(select_key(&keys, kid, alg).map(|index| (keys, index)))

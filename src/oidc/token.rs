@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::error::{IdpError, OAuthErrorCode};
 use super::provider::{read_limited, Provider};
 use crate::domain::{AccessToken, AuthorizationCode, IdToken, PkceVerifier, RefreshToken};
+use crate::metrics::IdpEndpoint;
 
 const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
 
@@ -70,6 +71,7 @@ impl Provider {
     async fn post_form(
         &self,
         endpoint: &str,
+        kind: IdpEndpoint,
         advertised_methods: Option<&Vec<String>>,
         mut form: Vec<(&str, &str)>,
     ) -> Result<reqwest::Response, IdpError> {
@@ -90,7 +92,11 @@ impl Provider {
             }
             _ => form.push(("client_id", &self.client_id)),
         }
-        Ok(request.form(&form).send().await?)
+        // Timed to the response head; the body (a few hundred bytes) follows.
+        let started = std::time::Instant::now();
+        let response = request.form(&form).send().await;
+        self.metrics.idp_request(kind, started.elapsed());
+        Ok(response?)
     }
 
     async fn read_token_response(
@@ -140,6 +146,7 @@ impl Provider {
         let response = self
             .post_form(
                 &metadata.token_endpoint,
+                IdpEndpoint::Token,
                 metadata.token_endpoint_auth_methods_supported.as_ref(),
                 form,
             )
@@ -159,6 +166,7 @@ impl Provider {
         let response = self
             .post_form(
                 &metadata.token_endpoint,
+                IdpEndpoint::Token,
                 metadata.token_endpoint_auth_methods_supported.as_ref(),
                 form,
             )
@@ -180,6 +188,7 @@ impl Provider {
         let response = self
             .post_form(
                 endpoint,
+                IdpEndpoint::Revocation,
                 methods,
                 vec![("token", token), ("token_type_hint", hint)],
             )

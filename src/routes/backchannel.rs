@@ -76,7 +76,16 @@ pub async fn backchannel_logout(
     form: web::Form<BackchannelLogoutForm>,
     broker: web::Data<Broker>,
 ) -> HttpResponse {
-    match broker.backchannel_logout(&form.logout_token).await {
+    let result = broker.backchannel_logout(&form.logout_token).await;
+    broker.metrics.back_channel_logout(match &result {
+        Ok(_) => "ended",
+        Err(BackchannelLogoutError::InvalidToken(_)) => "invalid_token",
+        Err(BackchannelLogoutError::Replayed) => "replayed",
+        Err(BackchannelLogoutError::KeysUnavailable(_) | BackchannelLogoutError::Store(_)) => {
+            "unavailable"
+        }
+    });
+    match result {
         Ok(_) => HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .finish(),

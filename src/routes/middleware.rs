@@ -10,7 +10,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, Error, HttpResponse, ResponseError};
 use tracing::Instrument;
 
-use super::problem::ApiError;
+use super::problem::{ApiError, StoreFailure};
 use crate::flows::Broker;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -46,15 +46,26 @@ pub async fn request_log(
         .match_pattern()
         .unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!("request", request_id = %id, method = %request.method(), route = %route);
+    let metrics = request
+        .app_data::<web::Data<Broker>>()
+        .map(|broker| broker.metrics.clone());
+    let method = request.method().clone();
     let mut response = next.call(request).instrument(span.clone()).await?;
     let status = response.status().as_u16();
+    let elapsed = started.elapsed();
     span.in_scope(|| {
         tracing::info!(
             status,
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
     });
+    if let Some(metrics) = metrics {
+        metrics.http_request(&route, method.as_str(), status, elapsed);
+        if let Some(failure) = response.response().extensions().get::<StoreFailure>() {
+            metrics.store_error_in(failure.0);
+        }
+    }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }

@@ -7,6 +7,7 @@ pub mod cookies;
 pub mod forward_auth;
 pub mod health;
 pub mod login;
+pub mod metrics;
 pub mod middleware;
 pub mod problem;
 pub mod relay;
@@ -57,6 +58,7 @@ route_table! {
     get | head | post | put | patch | delete | options "/auth/{path}" matching "/auth/{path:.*}" => forward_auth::forward_auth_with_path,
     get "/healthz" => health::healthz,
     get "/readyz" => health::readyz,
+    get "/metrics" => metrics::metrics,
     get "/openapi.json" => health::openapi_json,
     get | head | post | put | patch | delete | options "/api/{name}/{path}" matching "/api/{name}/{path:.*}" => relay::relay,
 }

@@ -61,6 +61,10 @@ pub enum ApiError {
     UpstreamTimeout,
 }
 
+/// Marks a response that a store outage caused: the one place such outages are counted.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreFailure(pub &'static str);
+
 impl From<TokenError> for ApiError {
     fn from(error: TokenError) -> Self {
         match error {
@@ -140,6 +144,12 @@ impl ResponseError for ApiError {
             _ => {}
         }
         let mut response = HttpResponse::build(self.status_code());
+        if let Self::StoreUnavailable(cause) = self {
+            // Counted by the request log, which holds the metrics (`store_errors_total`).
+            if let Some(store) = crate::metrics::store_label(cause) {
+                response.extensions_mut().insert(StoreFailure(store));
+            }
+        }
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));

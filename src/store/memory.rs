@@ -306,6 +306,20 @@ impl SessionRepository for MemoryStore {
         Ok(Some(expired))
     }
 
+    async fn count_live(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let maps = self.maps();
+        let live = maps
+            .sessions
+            .values()
+            .filter(|r| r.expires_at > now && r.last_seen_at > idle_cutoff)
+            .count();
+        Ok(live as u64)
+    }
+
     async fn reseal_batch(&self, _batch: i64) -> Result<ResealOutcome, StoreError> {
         // Nothing is sealed in memory.
         Ok(ResealOutcome::default())

@@ -185,6 +185,13 @@ pub trait SessionRepository: Send + Sync + 'static {
     /// configured key opens. Waits for rows that requests hold, so an empty outcome means no row
     /// is left under another key.
     async fn reseal_batch(&self, batch: i64) -> Result<ResealOutcome, StoreError>;
+    /// How many sessions are live: neither past `now` (absolute) nor last seen before
+    /// `idle_cutoff` (the `live_sessions` gauge; called at most every 30 s per replica).
+    async fn count_live(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
 }
 

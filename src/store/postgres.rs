@@ -289,6 +289,21 @@ impl SessionRepository for PgSessionRepository {
             .map(Some)
     }
 
+    async fn count_live(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE expires_at > $1 AND last_seen_at > $2",
+        )
+        .bind(now)
+        .bind(idle_cutoff)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     async fn reseal_batch(&self, batch: i64) -> Result<ResealOutcome, StoreError> {
         let mut transaction = self.pool.begin().await?;
         // No SKIP LOCKED: a row a request holds is waited for (milliseconds), so that an empty
