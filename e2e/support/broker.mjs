@@ -10,13 +10,14 @@ import { setTimeout as sleep } from 'node:timers/promises';
  * @param {Record<string,string>} options.env its environment (added to a minimal base)
  * @param {string} options.logFile where its stdout and stderr go
  * @param {number} [options.readyTimeoutMs]
+ * @param {string[]} [options.args] its command line (default: `serve`; `dev` for dev mode)
  */
-export async function startBroker({ bin, url, env, logFile, readyTimeoutMs = 60_000 }) {
+export async function startBroker({ bin, url, env, logFile, readyTimeoutMs = 60_000, args = ['serve'] }) {
   if (!fs.existsSync(bin)) {
     throw new Error(`broker binary ${bin} does not exist: run 'cargo build --bin token-broker' (scripts/test does)`);
   }
   const log = fs.openSync(logFile, 'w');
-  const child = spawn(bin, ['serve'], {
+  const child = spawn(bin, args, {
     // A clean environment: only what the broker needs, so nothing from the developer's shell leaks in.
     env: { PATH: process.env.PATH, HOME: process.env.HOME ?? '/tmp', ...env },
     stdio: ['ignore', log, log],

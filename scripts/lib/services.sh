@@ -238,6 +238,17 @@ ensure_redis() {
   export REDIS_URL
 }
 
+# The Redis Cluster and Sentinel tests (tests/api/redis_cluster.rs) start their own redis-server
+# processes, whichever Redis ensure_redis found: they need the binaries on PATH. A preset
+# REDIS_CLUSTER_URL (an existing cluster) makes the cluster tests use it instead.
+ensure_redis_binaries() {
+  if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+    return 0
+  fi
+  apt_install redis-server || die "the Redis Cluster and Sentinel tests need redis-server and redis-cli on PATH: install Redis"
+  command -v redis-server >/dev/null 2>&1 || die "redis-server installed but not on PATH"
+}
+
 # --- end-to-end test tools ---------------------------------------------------------------------------
 
 ensure_chromium() {
@@ -306,4 +317,47 @@ ensure_gateways() {
     die "$TOKEN_BROKER_NGINX lacks the auth_request module (Debian's nginx has it); set TOKEN_BROKER_NGINX to one that has it"
   export TOKEN_BROKER_NGINX TOKEN_BROKER_CADDY
   say "gateways ($how): nginx $("$TOKEN_BROKER_NGINX" -v 2>&1 | sed 's#.*nginx/##') at $TOKEN_BROKER_NGINX, caddy $("$TOKEN_BROKER_CADDY" version 2>/dev/null | awk '{print $1}') at $TOKEN_BROKER_CADDY"
+}
+
+# --- Kubernetes manifests (tests/api/deploy_files.rs renders deploy/kubernetes and validates it) ------
+
+TB_KUBERNETES_VALIDATE_VERSION=1.37.0
+
+# kubectl (for `kubectl kustomize`): $TOKEN_BROKER_KUBECTL → PATH. Never installed here: Debian's
+# `kubernetes-client` is 1.20, whose built-in kustomize predates what deploy/kubernetes uses, so
+# without a kubectl >= 1.24 this stops and says so.
+# kubernetes-validate: $TOKEN_BROKER_KUBERNETES_VALIDATE → PATH → the pinned version from PyPI,
+# pip-installed into a venv under the target directory (kept between runs). Both are exported for the
+# tests, which fail (never skip) without them.
+ensure_kube_tools() {
+  local kubectl="${TOKEN_BROKER_KUBECTL:-}" validate="${TOKEN_BROKER_KUBERNETES_VALIDATE:-}" minor how
+  kubectl="${kubectl:-$(command -v kubectl || true)}"
+  [[ -n "$kubectl" && -x "$kubectl" ]] ||
+    die "the Kubernetes manifest tests need kubectl >= 1.24 (for 'kubectl kustomize'; Debian's kubernetes-client is too old): install it (https://kubernetes.io/docs/tasks/tools/) or set TOKEN_BROKER_KUBECTL"
+  minor="$("$kubectl" version --client -o json 2>/dev/null | sed -n 's/^ *"minor": *"\([0-9]*\).*/\1/p' | head -n 1)"
+  [[ "$minor" =~ ^[0-9]+$ ]] && ((minor >= 24)) ||
+    die "$kubectl is not kubectl >= 1.24 (client minor version '${minor:-unknown}'): its kustomize cannot render deploy/kubernetes; set TOKEN_BROKER_KUBECTL to a newer one"
+
+  validate="${validate:-$(command -v kubernetes-validate || true)}"
+  how="found"
+  if [[ -z "$validate" ]]; then
+    local venv="${CARGO_TARGET_DIR:-target}/kube-tools/venv"
+    [[ "$venv" = /* ]] || venv="$PWD/$venv"
+    validate="$venv/bin/kubernetes-validate"
+    if [[ "$("$validate" --version 2>/dev/null)" != "$TB_KUBERNETES_VALIDATE_VERSION" ]]; then
+      command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv ||
+        die "installing kubernetes-validate needs python3 (Debian: python3, python3-venv), or set TOKEN_BROKER_KUBERNETES_VALIDATE"
+      say "installing kubernetes-validate $TB_KUBERNETES_VALIDATE_VERSION from PyPI into $venv (pip)"
+      rm -rf "$venv"
+      { python3 -m venv "$venv" >/dev/null 2>&1 || { apt_install python3-venv && python3 -m venv "$venv"; }; } &&
+        "$venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$TB_KUBERNETES_VALIDATE_VERSION" ||
+        die "pip install kubernetes-validate==$TB_KUBERNETES_VALIDATE_VERSION failed (needs PyPI, or set TOKEN_BROKER_KUBERNETES_VALIDATE)"
+      how="installed with pip"
+    fi
+  fi
+  [[ -x "$validate" ]] || die "TOKEN_BROKER_KUBERNETES_VALIDATE=$validate is not an executable"
+  TOKEN_BROKER_KUBECTL="$kubectl"
+  TOKEN_BROKER_KUBERNETES_VALIDATE="$validate"
+  export TOKEN_BROKER_KUBECTL TOKEN_BROKER_KUBERNETES_VALIDATE
+  say "kubernetes tools ($how): kubectl $("$kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p') at $kubectl, kubernetes-validate $("$validate" --version 2>/dev/null) at $validate"
 }

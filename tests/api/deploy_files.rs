@@ -478,3 +478,434 @@ fn envoy_example_checks_every_request_with_ext_authz_before_routing() -> TestRes
     assert!(clusters.contains(&cluster), "no cluster `{cluster}`");
     Ok(())
 }
+
+// --- deploy/kubernetes: the Kustomize base, rendered with kubectl and validated by kubernetes-validate --
+
+/// The Kubernetes version the rendered manifests are validated against: the oldest with the
+/// `preStop.sleep` action on by default (the image is distroless: no shell to `sleep` with).
+const KUBERNETES_VERSION: &str = "1.30.0";
+const KUBE_OVERLAY: &str = "deploy/kubernetes/overlays/example";
+const POD_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/name", "token-broker"),
+    ("app.kubernetes.io/component", "server"),
+];
+
+/// A tool from `$variable` (scripts/test's `ensure_kube_tools` sets it), else the first candidate that
+/// runs. Never skips: without the tool the test fails and says how to get it.
+fn kube_tool(variable: &str, candidates: &[&str]) -> Result<PathBuf, Box<dyn Error>> {
+    if let Some(path) = std::env::var_os(variable).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    candidates
+        .iter()
+        .map(|c| {
+            if c.contains('/') {
+                repo.join(c)
+            } else {
+                PathBuf::from(c)
+            }
+        })
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--help")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .ok_or_else(|| {
+            format!(
+                "none of {candidates:?} runs and {variable} is not set: run scripts/test (it installs \
+                 what is missing) or set {variable}"
+            )
+            .into()
+        })
+}
+
+fn run(command: &mut std::process::Command, stdin: &str) -> Result<String, Box<dyn Error>> {
+    use std::io::Write;
+    let description = format!("{command:?}");
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{description}: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!(
+            "{description} failed ({}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(stdout)
+}
+
+/// `kubectl kustomize` of a directory of the repository: the YAML stream.
+fn kustomize(relative: &str) -> Result<String, Box<dyn Error>> {
+    let kubectl = kube_tool("TOKEN_BROKER_KUBECTL", &["kubectl"])?;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative);
+    run(
+        std::process::Command::new(kubectl)
+            .arg("kustomize")
+            .arg(dir),
+        "",
+    )
+}
+
+fn parse_documents(text: &str) -> Result<Vec<serde_yaml::Value>, Box<dyn Error>> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| Ok(serde_yaml::Value::deserialize(document)?))
+        .collect()
+}
+
+fn rendered_overlay() -> Result<Vec<serde_yaml::Value>, Box<dyn Error>> {
+    parse_documents(&kustomize(KUBE_OVERLAY)?)
+}
+
+fn of_kind<'a>(
+    documents: &'a [serde_yaml::Value],
+    kind: &str,
+) -> Result<&'a serde_yaml::Value, Box<dyn Error>> {
+    let mut found = documents.iter().filter(|d| d["kind"] == kind);
+    let first = found
+        .next()
+        .ok_or_else(|| format!("{KUBE_OVERLAY} renders no {kind}"))?;
+    if found.next().is_some() {
+        return Err(format!("{KUBE_OVERLAY} renders more than one {kind}").into());
+    }
+    Ok(first)
+}
+
+/// True when a `matchLabels` selector selects the broker's server pods (and names only their labels).
+fn selects_server_pods(selector: &serde_yaml::Value) -> bool {
+    let Some(labels) = selector.as_mapping() else {
+        return false;
+    };
+    !labels.is_empty()
+        && labels.iter().all(|(k, v)| {
+            POD_LABELS
+                .iter()
+                .any(|(name, value)| k.as_str() == Some(name) && v.as_str() == Some(value))
+        })
+}
+
+#[test]
+fn kubernetes_example_overlay_renders_and_validates_against_kubernetes_1_30() -> TestResult {
+    let rendered = kustomize(KUBE_OVERLAY)?;
+    let validate = kube_tool(
+        "TOKEN_BROKER_KUBERNETES_VALIDATE",
+        &[
+            "kubernetes-validate",
+            "target/kube-tools/venv/bin/kubernetes-validate",
+        ],
+    )?;
+
+    let report = run(
+        std::process::Command::new(validate).args([
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            "--strict",
+            "-",
+        ]),
+        &rendered,
+    )?;
+
+    // Every object was checked against a schema (an unknown kind would only be a warning).
+    for document in parse_documents(&rendered)? {
+        let kind = document["kind"].as_str().unwrap_or_default().to_lowercase();
+        let name = str_at(&document, &["metadata", "name"]).unwrap_or_default();
+        assert!(
+            report.contains(&format!("passed for resource {kind}/{name} ")),
+            "kubernetes-validate did not pass {kind}/{name}:\n{report}"
+        );
+    }
+    for kind in [
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "Job",
+        "ConfigMap",
+        "Secret",
+    ] {
+        of_kind(&parse_documents(&rendered)?, kind)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn kubernetes_deployment_is_locked_down_probed_and_drains() -> TestResult {
+    let documents = rendered_overlay()?;
+    let deployment = of_kind(&documents, "Deployment")?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_sequence().ok_or("no containers")?;
+    assert_eq!(containers.len(), 1, "one container");
+    let container = &containers[0];
+    let security = &container["securityContext"];
+
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert!(selects_server_pods(
+        &deployment["spec"]["selector"]["matchLabels"]
+    ));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(names(security["capabilities"].get("drop")), ["all"]);
+    for kind in ["requests", "limits"] {
+        assert!(
+            container["resources"][kind]["memory"].is_string(),
+            "no memory {kind}"
+        );
+    }
+    assert!(container["resources"]["requests"]["cpu"].is_string());
+    let port = &container["ports"][0];
+    assert_eq!(
+        (&port["name"], &port["containerPort"]),
+        (&"http".into(), &8080.into())
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(
+            str_at(container, &[probe, "httpGet", "path"]),
+            Some(path),
+            "{probe}"
+        );
+        assert_eq!(container[probe]["httpGet"]["port"], "http", "{probe}");
+    }
+    // The pause before SIGTERM, then the broker's own drain (25 s), must fit in the grace period.
+    let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .ok_or("no preStop sleep")?;
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .ok_or("no terminationGracePeriodSeconds")?;
+    assert!(pause >= 5, "preStop pause of {pause} s");
+    assert!(
+        grace >= pause + 25,
+        "grace {grace} s < pause {pause} s + 25 s drain"
+    );
+    let spread: Vec<_> = pod["topologySpreadConstraints"]
+        .as_sequence()
+        .ok_or("no topologySpreadConstraints")?
+        .iter()
+        .inspect(|c| assert!(selects_server_pods(&c["labelSelector"]["matchLabels"])))
+        .filter_map(|c| c["topologyKey"].as_str())
+        .collect();
+    assert_eq!(
+        spread,
+        ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    );
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "8080");
+    Ok(())
+}
+
+#[test]
+fn kubernetes_config_and_secret_give_the_broker_every_required_setting() -> TestResult {
+    let documents = rendered_overlay()?;
+    let deployment = of_kind(&documents, "Deployment")?;
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let keys_of = |kind: &str, name: &str| -> Result<BTreeMap<String, String>, Box<dyn Error>> {
+        let object = documents
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .ok_or_else(|| format!("the Deployment refers to a missing {kind} {name}"))?;
+        let data = object["data"].as_mapping().ok_or("no data")?;
+        Ok(data
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .collect())
+    };
+    let mut config = BTreeMap::new();
+    let mut secret = BTreeMap::new();
+    for source in container["envFrom"].as_sequence().ok_or("no envFrom")? {
+        if let Some(name) = str_at(source, &["configMapRef", "name"]) {
+            config.extend(keys_of("ConfigMap", name)?);
+        } else if let Some(name) = str_at(source, &["secretRef", "name"]) {
+            secret.extend(keys_of("Secret", name)?);
+        }
+    }
+
+    let missing: Vec<_> = REQUIRED_SETTINGS
+        .iter()
+        .filter(|name| !config.contains_key(**name) && !secret.contains_key(**name))
+        .collect();
+    assert!(missing.is_empty(), "the Deployment's env lacks {missing:?}");
+    for name in [
+        "BROKER_CLIENT_SECRET",
+        "BROKER_ENCRYPTION_KEYS",
+        "DATABASE_URL",
+        "REDIS_URL",
+    ] {
+        assert!(secret.contains_key(name), "{name} is not in the Secret");
+        assert!(!config.contains_key(name), "{name} is in the ConfigMap");
+    }
+    assert_eq!(
+        config.get("BROKER_RUN_MIGRATIONS").map(String::as_str),
+        Some("false")
+    );
+    assert!(config
+        .keys()
+        .chain(secret.keys())
+        .all(|k| k.starts_with("BROKER_")
+            || ["DATABASE_URL", "REDIS_URL", "RUST_LOG"].contains(&k.as_str())));
+
+    // The migration Job runs `migrate` with the same DATABASE_URL, locked down like the replicas.
+    let job = of_kind(&documents, "Job")?;
+    let migrate = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(names(migrate.get("args")), ["migrate"]);
+    assert_eq!(migrate["image"], container["image"]);
+    let database_url = migrate["env"]
+        .as_sequence()
+        .and_then(|env| env.iter().find(|e| e["name"] == "DATABASE_URL"))
+        .ok_or("the Job has no DATABASE_URL")?;
+    let secret_name = str_at(database_url, &["valueFrom", "secretKeyRef", "name"]);
+    assert!(
+        container["envFrom"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|s| str_at(s, &["secretRef", "name"]) == secret_name),
+        "the Job reads DATABASE_URL from another Secret ({secret_name:?})"
+    );
+    assert_eq!(migrate["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    Ok(())
+}
+
+#[test]
+fn kubernetes_service_budget_autoscaler_and_network_policy_fit_the_deployment() -> TestResult {
+    let documents = rendered_overlay()?;
+    let deployment = of_kind(&documents, "Deployment")?;
+    let service = of_kind(&documents, "Service")?;
+    let budget = of_kind(&documents, "PodDisruptionBudget")?;
+    let autoscaler = of_kind(&documents, "HorizontalPodAutoscaler")?;
+    let policy = of_kind(&documents, "NetworkPolicy")?;
+
+    assert!(selects_server_pods(&service["spec"]["selector"]));
+    assert_eq!(service["spec"]["ports"][0]["name"], "http");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    assert!(selects_server_pods(
+        &budget["spec"]["selector"]["matchLabels"]
+    ));
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(autoscaler["apiVersion"], "autoscaling/v2");
+    assert_eq!(
+        autoscaler["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    let min = autoscaler["spec"]["minReplicas"].as_u64().unwrap_or(1);
+    assert!(min >= 2, "minReplicas {min}: one replica left by a drain");
+
+    // Ingress: only from the ingress controller's namespace, on 8080.
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(policy["spec"]["podSelector"]["matchLabels"]
+        .as_mapping()
+        .ok_or("no podSelector")?
+        .iter()
+        .all(|(k, v)| pod_labels.get(k) == Some(v)));
+    assert_eq!(
+        names(policy["spec"].get("policyTypes")),
+        ["ingress", "egress"]
+    );
+    let ingress = policy["spec"]["ingress"]
+        .as_sequence()
+        .ok_or("no ingress")?;
+    assert_eq!(ingress.len(), 1);
+    assert!(ingress[0]["from"][0]["namespaceSelector"].is_mapping());
+    assert_eq!(ingress[0]["ports"][0]["port"], 8080);
+    let egress_ports: Vec<u64> = policy["spec"]["egress"]
+        .as_sequence()
+        .ok_or("no egress")?
+        .iter()
+        .filter_map(|rule| rule["ports"].as_sequence())
+        .flatten()
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    for (port, what) in [
+        (53, "DNS"),
+        (5432, "PostgreSQL"),
+        (6379, "Redis"),
+        (443, "the IdP"),
+    ] {
+        assert!(egress_ports.contains(&port), "no egress to {what} ({port})");
+    }
+
+    // The optional ServiceMonitor scrapes this Service's `http` port.
+    let monitor = parse_documents(&kustomize("deploy/kubernetes/components/servicemonitor")?)?;
+    let monitor = of_kind(&monitor, "ServiceMonitor")?;
+    assert!(selects_server_pods(
+        &monitor["spec"]["selector"]["matchLabels"]
+    ));
+    assert!(monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| service["metadata"]["labels"].get(k) == Some(v)));
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    Ok(())
+}
+
+// --- docker-compose.yml's `dev` profile -------------------------------------------------------------
+
+#[test]
+fn compose_dev_profile_runs_dev_mode_alone_on_loopback() -> TestResult {
+    let compose = compose()?;
+    let dev = service(&compose, "dev")?;
+    let env = environment(dev)?;
+
+    assert_eq!(
+        names(dev.get("profiles")),
+        ["dev"],
+        "`dev` is not only in the dev profile"
+    );
+    assert_eq!(
+        names(dev.get("command")).first().map(String::as_str),
+        Some("dev")
+    );
+    // Dev mode refuses a non-loopback address, and a container's loopback is unreachable from the
+    // host: the service shares the host's network and binds its loopback.
+    assert_eq!(dev["network_mode"], "host");
+    let listen: std::net::SocketAddr = setting(&env, "BROKER_LISTEN_ADDR")?.parse()?;
+    assert!(listen.ip().is_loopback(), "dev mode would refuse {listen}");
+    assert!(
+        dev.get("ports").is_none(),
+        "ports do not apply with network_mode: host"
+    );
+    // Nothing else: no stores, no IdP, no dependency on the rest of the stack.
+    assert!(dev.get("depends_on").is_none());
+    for name in REQUIRED_SETTINGS {
+        assert!(!env.contains_key(name), "dev mode does not read {name}");
+    }
+    // The default `docker compose up` is unchanged: every other service is in no profile.
+    let services = compose["services"].as_mapping().ok_or("no services")?;
+    for (name, definition) in services {
+        if name != "dev" {
+            assert!(
+                definition.get("profiles").is_none(),
+                "{name:?} has profiles"
+            );
+        }
+    }
+    Ok(())
+}
