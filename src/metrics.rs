@@ -245,18 +245,25 @@ impl Metrics {
     }
 
     /// One answered request. `route` is the matched pattern or `unmatched`, never a path.
-    pub fn http_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+    /// The one `route` string serves both label sets (a family clones a label set only when it
+    /// creates a series).
+    pub fn http_request(
+        &self,
+        route: impl Into<String>,
+        method: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         let method = method_label(method);
-        self.http_requests
-            .get_or_create(&HttpLabels {
-                route: route.to_string(),
-                method,
-                status,
-            })
-            .inc();
+        let labels = HttpLabels {
+            route: route.into(),
+            method,
+            status,
+        };
+        self.http_requests.get_or_create(&labels).inc();
         self.http_duration
             .get_or_create(&RouteLabels {
-                route: route.to_string(),
+                route: labels.route,
                 method,
             })
             .observe(elapsed.as_secs_f64());

@@ -49,8 +49,15 @@ impl std::fmt::Debug for SessionId {
 pub struct SessionIdHash(pub [u8; 32]);
 
 impl SessionIdHash {
+    /// Lowercase hex. Built by hand: it names the Redis keys of every request.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(64);
+        for byte in self.0 {
+            hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+        }
+        hex
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -162,6 +169,11 @@ mod tests {
         let id = SessionId::generate();
         assert_eq!(id.hash(), id.hash());
         assert_eq!(id.hash().to_hex().len(), 64);
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0x0f;
+        bytes[31] = 0xa9;
+        let hex = SessionIdHash(bytes).to_hex();
+        assert!(hex.starts_with("0f00") && hex.ends_with("00a9"));
         assert!(!format!("{id:?}").contains(id.secret()));
         let state = State::generate();
         assert!(!state.storage_key().contains(state.secret()));

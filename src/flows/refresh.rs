@@ -74,17 +74,24 @@ impl Broker {
         hash: &SessionIdHash,
         stale: Option<&AccessToken>,
     ) -> Result<Option<AccessToken>, StoreError> {
+        let cached = self.cache.get_access_token(hash).await?;
+        Ok(self.fresh(cached, stale))
+    }
+
+    /// The token of `cached` if it is not due for refresh and not the `stale` one.
+    fn fresh(
+        &self,
+        cached: Option<CachedAccessToken>,
+        stale: Option<&AccessToken>,
+    ) -> Option<AccessToken> {
         let now = self.clock.now();
-        Ok(self
-            .cache
-            .get_access_token(hash)
-            .await?
+        cached
             .filter(|cached| now < cached.refresh_at && Some(&cached.token) != stale)
-            .map(|cached| cached.token))
+            .map(|cached| cached.token)
     }
 
     /// A fresh access token for the session behind the cookie (forward-auth and the relay).
-    #[tracing::instrument(skip_all)]
+    /// No span of its own: it is every `/auth` call's path, inside the request's span.
     pub async fn access_token(&self, id: &SessionId) -> Result<ForwardedToken, TokenError> {
         self.access_token_other_than(id, None).await
     }
@@ -106,12 +113,17 @@ impl Broker {
         id: &SessionId,
         stale: Option<&AccessToken>,
     ) -> Result<ForwardedToken, TokenError> {
-        let session = self
-            .current_session(id)
+        let hash = id.hash();
+        // The session and its cached token in one Redis round trip.
+        let (session, prefetched) = self
+            .live_session(&hash, true)
             .await?
             .ok_or(TokenError::NoSession)?;
-        let hash = id.hash();
-        let access_token = match self.fresh_cached_token(&hash, stale).await? {
+        let cached = match prefetched {
+            Some(cached) => self.fresh(cached, stale),
+            None => self.fresh_cached_token(&hash, stale).await?,
+        };
+        let access_token = match cached {
             Some(token) => token,
             None => self.refresh_single_flight(&hash, stale).await?,
         };

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::{chrono_duration, Broker};
 use crate::domain::{SessionId, SessionIdHash, UserClaims};
-use crate::store::{CacheLookup, CachedSession, SessionRecord, StoreError};
+use crate::store::{CacheLookup, CachedAccessToken, CachedSession, SessionRecord, StoreError};
 
 /// What `/session` reports.
 #[derive(Debug, Clone)]
@@ -55,30 +55,52 @@ impl Broker {
     }
 
     /// The live session behind a cookie, sliding its idle timeout; `None` when there is none.
-    #[tracing::instrument(skip_all)]
     pub async fn current_session(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError> {
-        let hash = id.hash();
+        Ok(self
+            .live_session(&id.hash(), false)
+            .await?
+            .map(|(view, _)| view))
+    }
+
+    /// [`Broker::current_session`] by ID hash. With `with_token`, the session's cached access
+    /// token is read in the same Redis round trip and returned as `Some(cached)`; `None` when it
+    /// was not read (not asked for, or Redis failed: the caller asks again). No span of its own
+    /// (nor in `current_session`): this is every page load's path, and the request's span
+    /// already names the route.
+    pub(crate) async fn live_session(
+        &self,
+        hash: &SessionIdHash,
+        with_token: bool,
+    ) -> Result<Option<(SessionView, Option<Option<CachedAccessToken>>)>, StoreError> {
         let now = self.clock.now();
-        let cached = match self.cache.get(&hash).await {
-            Ok(CacheLookup::Live(session)) => Some(session),
-            Ok(CacheLookup::Ended) => return Ok(None),
-            Ok(CacheLookup::Unknown) => None,
+        let lookup = if with_token {
+            self.cache
+                .get_with_access_token(hash)
+                .await
+                .map(|(lookup, token)| (lookup, Some(token)))
+        } else {
+            self.cache.get(hash).await.map(|lookup| (lookup, None))
+        };
+        let (cached, token) = match lookup {
+            Ok((CacheLookup::Live(session), token)) => (Some(session), token),
+            Ok((CacheLookup::Ended, _)) => return Ok(None),
+            Ok((CacheLookup::Unknown, token)) => (None, token),
             Err(error) => {
                 // Losing Redis must not log everyone out: PostgreSQL answers instead.
                 self.metrics.store_error(&error);
                 tracing::warn!(%error, "session cache unavailable; reading PostgreSQL");
-                None
+                (None, None)
             }
         };
         let (mut session, from_cache) = match cached {
             Some(session) => (session, true),
-            None => match self.sessions.find(&hash).await {
+            None => match self.sessions.find(hash).await {
                 Ok(Some(record)) => (record.view(), false),
                 Ok(None) => return Ok(None),
                 Err(StoreError::Sealed(error)) => {
                     // Sealed under a key no longer configured: the session cannot be used.
                     tracing::warn!(%error, "ending a session whose tokens cannot be opened");
-                    self.end_session(&hash).await?;
+                    self.end_session(hash).await?;
                     return Ok(None);
                 }
                 Err(error) => return Err(error),
@@ -87,7 +109,7 @@ impl Broker {
 
         if now >= self.session_end(&session) {
             tracing::info!(session = %session.id, "session expired");
-            self.end_session(&hash).await?;
+            self.end_session(hash).await?;
             return Ok(None);
         }
 
@@ -95,26 +117,38 @@ impl Broker {
             >= touch_interval(self.config.session_idle_timeout);
         if stale {
             session.last_seen_at = now;
-            if !self.sessions.touch(session.id, now).await? {
-                // Deleted by another replica since the cache was filled.
-                self.cache.mark_ended(&hash).await.ok();
-                return Ok(None);
+            match self.sessions.touch(session.id, now).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Deleted by another replica since the cache was filled.
+                    self.cache.mark_ended(hash).await.ok();
+                    return Ok(None);
+                }
+                // PostgreSQL down, the view from Redis: serve it, and slide the idle timeout in
+                // the cache below; PostgreSQL gets the time at the next touch that works
+                // (README "Failure behaviour": cached sessions carry on without PostgreSQL).
+                Err(error @ StoreError::Postgres(_)) if from_cache => {
+                    self.metrics.store_error(&error);
+                    tracing::warn!(%error, "could not record the last-seen time; serving the cached session");
+                }
+                Err(error) => return Err(error),
             }
         }
         if stale || !from_cache {
             if let Err(error) = self
                 .cache
-                .put(&hash, &session, self.cache_ttl(&session, now))
+                .put(hash, &session, self.cache_ttl(&session, now))
                 .await
             {
                 self.metrics.store_error(&error);
                 tracing::warn!(%error, "could not cache the session");
             }
         }
-        Ok(Some(SessionView {
+        let view = SessionView {
             expires_at: self.session_end(&session),
             user: session.user,
-        }))
+        };
+        Ok(Some((view, token)))
     }
 }
 

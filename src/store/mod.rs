@@ -132,6 +132,15 @@ pub trait SessionCache: Send + Sync + 'static {
         &self,
         hash: &SessionIdHash,
     ) -> Result<Option<CachedAccessToken>, StoreError>;
+    /// [`SessionCache::get`] and [`SessionCache::get_access_token`] at once: `/auth` needs both,
+    /// and one Redis round trip (one `MGET`; the keys share a hash tag) costs half of two.
+    async fn get_with_access_token(
+        &self,
+        hash: &SessionIdHash,
+    ) -> Result<(CacheLookup, Option<CachedAccessToken>), StoreError> {
+        let lookup = self.get(hash).await?;
+        Ok((lookup, self.get_access_token(hash).await?))
+    }
     /// Takes the session's refresh lock for `ttl` unless someone holds it; returns the token
     /// that releases it. The TTL bounds a lock whose holder died.
     async fn try_lock_refresh(

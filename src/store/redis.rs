@@ -10,7 +10,8 @@
 //!
 //! `<hash>` is the hex SHA-256 of the session ID, inside `{…}` (a Redis Cluster hash tag): a
 //! session's view (or tombstone), token cache and lock share one slot, so the `MULTI` that ends
-//! a session (view and token cache at once) works on a cluster, while different sessions spread
+//! a session (view and token cache at once) and the `MGET` that `/auth` reads both with work on
+//! a cluster, while different sessions spread
 //! over the masters. Every other command and script touches one key; there is no `KEYS`/`SCAN`.
 //! The prefix may not contain braces (config), so it never becomes the tag. Nothing here is
 //! needed for a live session to survive a Redis flush: the session cache is rebuilt from
@@ -105,6 +106,42 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// A session cache value as read from `key` (`None`: no such key).
+    fn open_session(&self, key: &str, value: Option<&str>) -> CacheLookup {
+        let sealed = match value {
+            None => return CacheLookup::Unknown,
+            Some(ENDED) => return CacheLookup::Ended,
+            Some(sealed) => sealed,
+        };
+        // An entry that does not open (sealed under a key no longer configured) or does not parse
+        // (an older version's) is a miss, not an outage: PostgreSQL decides.
+        let opened = self
+            .cipher
+            .open_string(sealed, key.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()));
+        match opened {
+            Ok(session) => CacheLookup::Live(session),
+            Err(error) => {
+                tracing::warn!(%error, "unreadable session cache entry; reading PostgreSQL");
+                CacheLookup::Unknown
+            }
+        }
+    }
+
+    /// A cached access token as read from `key`. Under a retired key, or unreadable: as if not
+    /// cached; a refresh replaces it.
+    fn open_access_token(&self, key: &str, sealed: &str) -> Option<CachedAccessToken> {
+        self.cipher
+            .open_string(sealed, key.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()))
+            .map_err(|error| tracing::warn!(%error, "unreadable cached access token"))
+            .ok()
+    }
+}
+
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -155,25 +192,26 @@ impl SessionCache for RedisStore {
         let key = self.session_key(hash);
         let mut connection = self.connection.clone();
         let value: Option<String> = connection.get(&key).await?;
-        let sealed = match value.as_deref() {
-            None => return Ok(CacheLookup::Unknown),
-            Some(ENDED) => return Ok(CacheLookup::Ended),
-            Some(sealed) => sealed,
-        };
-        // An entry that does not open (sealed under a key no longer configured) or does not parse
-        // (an older version's) is a miss, not an outage: PostgreSQL decides.
-        let opened = self
-            .cipher
-            .open_string(sealed, key.as_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()));
-        Ok(match opened {
-            Ok(session) => CacheLookup::Live(session),
-            Err(error) => {
-                tracing::warn!(%error, "unreadable session cache entry; reading PostgreSQL");
-                CacheLookup::Unknown
-            }
-        })
+        Ok(self.open_session(&key, value.as_deref()))
+    }
+
+    async fn get_with_access_token(
+        &self,
+        hash: &SessionIdHash,
+    ) -> Result<(CacheLookup, Option<CachedAccessToken>), StoreError> {
+        let (session_key, token_key) = (self.session_key(hash), self.access_token_key(hash));
+        let mut connection = self.connection.clone();
+        // One MGET: both keys carry the session's hash tag, so it is one slot on a cluster too,
+        // and the pair is read atomically (`mark_ended` changes both in one MULTI).
+        let (session, token): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(&session_key)
+            .arg(&token_key)
+            .query_async(&mut connection)
+            .await?;
+        Ok((
+            self.open_session(&session_key, session.as_deref()),
+            token.and_then(|sealed| self.open_access_token(&token_key, &sealed)),
+        ))
     }
 
     async fn put(
@@ -231,18 +269,7 @@ impl SessionCache for RedisStore {
         let key = self.access_token_key(hash);
         let mut connection = self.connection.clone();
         let sealed: Option<String> = connection.get(&key).await?;
-        let Some(sealed) = sealed else {
-            return Ok(None);
-        };
-        // Under a retired key, or unreadable: as if not cached; a refresh replaces it.
-        let opened = self
-            .cipher
-            .open_string(&sealed, key.as_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()));
-        Ok(opened
-            .map_err(|error| tracing::warn!(%error, "unreadable cached access token"))
-            .ok())
+        Ok(sealed.and_then(|sealed| self.open_access_token(&key, &sealed)))
     }
 
     async fn try_lock_refresh(
