@@ -36,6 +36,8 @@ pub mod dev;
 pub mod dev_idp;
 pub mod domain;
 pub mod flows;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod oidc;
 pub mod openapi;

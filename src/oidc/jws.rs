@@ -49,7 +49,7 @@ pub enum JwsError {
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct Header {
+pub(crate) struct Header {
     pub alg: String,
     #[serde(default)]
     pub kid: Option<String>,
@@ -61,7 +61,7 @@ pub(super) struct Verified<T> {
     pub claims: T,
 }
 
-pub(super) fn read_header(token: &str) -> Result<Header, JwsError> {
+pub(crate) fn read_header(token: &str) -> Result<Header, JwsError> {
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

@@ -33,10 +33,22 @@ pub fn binding_cookie_name(config: &Config) -> &'static str {
 /// The value of the first cookie called `name`. Parsed leniently by hand: one malformed cookie
 /// from another app on the same site must not hide ours (actix rejects the whole header then).
 pub fn read_cookie<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
-    request
-        .headers()
-        .get_all(actix_web::http::header::COOKIE)
-        .filter_map(|value| value.to_str().ok())
+    find_cookie(
+        request
+            .headers()
+            .get_all(actix_web::http::header::COOKIE)
+            .filter_map(|value| value.to_str().ok()),
+        name,
+    )
+}
+
+/// [`read_cookie`] on the `Cookie` header values as strings (also the fuzz target's entry point).
+pub(crate) fn find_cookie<'a>(
+    header_values: impl IntoIterator<Item = &'a str>,
+    name: &str,
+) -> Option<&'a str> {
+    header_values
+        .into_iter()
         .filter(|value| value.len() <= MAX_COOKIE_HEADER)
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))

@@ -55,7 +55,12 @@ pub async fn login(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
+    /// The authorization code (absent when the IdP reports an `error`).
+    #[param(min_length = 1, max_length = 2048)]
     pub code: Option<String>,
+    /// The `state` `/login` sent: 43 base64url characters. Required: a callback without a
+    /// well-formed one is a 400.
+    #[param(required = true, pattern = "^[A-Za-z0-9_-]{43}$")]
     pub state: Option<String>,
     pub error: Option<String>,
     pub error_description: Option<String>,
@@ -64,7 +69,7 @@ pub struct CallbackQuery {
 }
 
 impl CallbackQuery {
-    fn parse(self) -> Result<CallbackParams, ApiError> {
+    pub(crate) fn parse(self) -> Result<CallbackParams, ApiError> {
         let state = self
             .state
             .as_deref()

@@ -36,12 +36,16 @@ macro_rules! route_table {
         pub const ROUTES: &[(&str, &str)] = &[$($((stringify!($method), $path),)+)*];
 
         fn register(config: &mut web::ServiceConfig) {
-            // A resource answers a method it lacks itself (with an empty 405): give it a problem.
-            $(config.service(
-                web::resource(route_table!(@pattern $path $(, $pattern)?))
-                    $(.route(method::$method().to($handler)))+
-                    .default_service(web::to(method_not_allowed)),
-            );)*
+            // A resource answers a method it lacks itself (with an empty 405): give it a problem
+            // and the `Allow` header RFC 9110 requires on a 405.
+            $({
+                let allow: &'static [&'static str] = &[$(stringify!($method)),+];
+                config.service(
+                    web::resource(route_table!(@pattern $path $(, $pattern)?))
+                        $(.route(method::$method().to($handler)))+
+                        .default_service(web::to(move || method_not_allowed(allow))),
+                );
+            })*
         }
     };
     (@pattern $path:literal) => { $path };
@@ -77,6 +81,17 @@ async fn not_found() -> HttpResponse {
     ApiError::NotFound.error_response()
 }
 
-async fn method_not_allowed() -> HttpResponse {
-    ApiError::MethodNotAllowed.error_response()
+async fn method_not_allowed(allow: &'static [&'static str]) -> HttpResponse {
+    let mut response = ApiError::MethodNotAllowed.error_response();
+    let allow = allow
+        .iter()
+        .map(|method| method.to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&allow) {
+        response
+            .headers_mut()
+            .insert(actix_web::http::header::ALLOW, value);
+    }
+    response
 }

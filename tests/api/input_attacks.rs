@@ -414,6 +414,40 @@ async fn unknown_routes_and_wrong_methods_get_problems() {
     );
 }
 
+/// Found by schemathesis (`scripts/test`, stage "schemathesis"): a 405 must carry `Allow`
+/// (RFC 9110 §15.5.6), listing what the resource does serve.
+#[tokio::test]
+async fn a_wrong_method_gets_a_405_with_an_allow_header() {
+    // Arrange
+    let app = spawn_app().await;
+    let trace = reqwest::Method::from_bytes(b"TRACE").unwrap();
+
+    // Act
+    let put_session = app
+        .http
+        .put(format!("{}/session", app.address))
+        .send()
+        .await
+        .unwrap();
+    let get_logout = app.get("/logout", &Browser::default()).await;
+    let trace_auth = app
+        .http
+        .request(trace, format!("{}/auth", app.address))
+        .send()
+        .await
+        .unwrap();
+
+    // Assert
+    for (response, allow) in [
+        (put_session, "GET"),
+        (get_logout, "POST"),
+        (trace_auth, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    ] {
+        assert_eq!(response.headers()["allow"], allow);
+        assert_problem(response, 405).await;
+    }
+}
+
 #[tokio::test]
 async fn a_15_kb_url_is_refused_with_a_client_error() {
     // Arrange
