@@ -249,6 +249,21 @@ ensure_redis_binaries() {
   command -v redis-server >/dev/null 2>&1 || die "redis-server installed but not on PATH"
 }
 
+# The fault tests (tests/api/faults.rs) stop and start a private PostgreSQL: they need initdb and
+# pg_ctl (TOKEN_BROKER_PG_BINDIR) and, as root, a user to run them as (TOKEN_BROKER_PG_USER).
+ensure_postgres_binaries() {
+  local bindir
+  if ! bindir="$(pg_bindir)"; then
+    as_root mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' | as_root tee /etc/postgresql-common/createcluster.d/token-broker-test.conf >/dev/null
+    apt_install postgresql || die "the fault tests need PostgreSQL's initdb and pg_ctl: install PostgreSQL"
+    bindir="$(pg_bindir)" || die "PostgreSQL installed, but no initdb under /usr/lib/postgresql/*/bin"
+  fi
+  export TOKEN_BROKER_PG_BINDIR="$bindir"
+  TOKEN_BROKER_PG_USER="$(pg_user)"
+  export TOKEN_BROKER_PG_USER
+}
+
 # --- end-to-end test tools ---------------------------------------------------------------------------
 
 ensure_chromium() {
