@@ -294,6 +294,7 @@ mod tests {
                 idp_sid: None,
                 id_token: IdToken::new("id"),
                 refresh_token: Some(RefreshToken::new("rt")),
+                access_token: None,
                 created_at: now,
                 last_seen_at: now,
                 expires_at: now + chrono::Duration::hours(1),

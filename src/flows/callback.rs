@@ -191,6 +191,7 @@ impl Broker {
         }
         let session_id = SessionId::generate();
         let hash = session_id.hash();
+        let access_token = self.access_token_entry(&tokens, now);
         let record = SessionRecord {
             id: Uuid::new_v4(),
             id_hash: hash,
@@ -198,6 +199,7 @@ impl Broker {
             idp_sid: claims.sid.clone(),
             id_token,
             refresh_token: tokens.refresh_token.clone(),
+            access_token: Some(access_token.clone()),
             created_at: now,
             last_seen_at: now,
             expires_at: now + chrono_duration(self.config.session_max_lifetime),
@@ -215,7 +217,7 @@ impl Broker {
             self.metrics.store_error(&error);
             tracing::warn!(%error, "could not cache the new session");
         }
-        self.cache_access_token(&hash, &tokens, now).await;
+        self.cache_access_token(&hash, &access_token).await;
         tracing::info!(session = %record.id, "login completed");
         self.metrics.login_completed();
         Ok(LoginSuccess {

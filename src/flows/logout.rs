@@ -20,9 +20,14 @@ impl Broker {
         let (record, access_token) = match id {
             Some(id) => {
                 let hash = id.hash();
-                // Read before the session ends: ending it drops the cached access token.
-                let access_token = self.cache.get_access_token(&hash).await.ok().flatten();
-                (self.end_session(&hash).await?, access_token)
+                // Read before the session ends: ending it drops the cached access token. The row
+                // has it too (Redis down, or its cache entry evicted).
+                let cached = self.cache.get_access_token(&hash).await.ok().flatten();
+                let record = self.end_session(&hash).await?;
+                let stored = record
+                    .as_ref()
+                    .and_then(|record| record.access_token.clone());
+                (record, cached.or(stored))
             }
             None => (None, None),
         };

@@ -1,11 +1,15 @@
 //! Access tokens for servers (`/auth` and the relay): the cached token, or a refresh — exactly one refresh grant
 //! per session at a time, across all replicas (SPEC "Refresh").
 //!
-//! Whoever takes the session's Redis lock refreshes; everyone else waits (bounded) for the token
-//! it caches. The holder first looks again for a token (another replica may have refreshed while
-//! it waited) and re-reads the stored refresh token, and it commits a rotated refresh token to
-//! PostgreSQL before it releases the lock, so an IdP that rotates refresh tokens never sees the
-//! old one twice. `invalid_grant` ends the session; a network failure or 5xx keeps it.
+//! The lock is a lease on the session's PostgreSQL row (README "Choices": it lives with the
+//! tokens it guards, and single-flight holds while Redis is down). Whoever takes the lease
+//! refreshes; everyone else waits (bounded) for the token it stores. Taking the lease re-reads
+//! the row, so the holder first looks at the stored access token (another replica may have
+//! refreshed while it waited) and refreshes with the stored refresh token; it commits the new
+//! tokens and releases the lease in one statement, fenced by the lease, so an IdP that rotates
+//! refresh tokens never sees the old one twice. The access token is kept in PostgreSQL as well
+//! as in Redis's cache: without Redis, `/auth` carries on from PostgreSQL. `invalid_grant` ends
+//! the session; a network failure or 5xx keeps it.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +20,9 @@ use crate::domain::{AccessToken, SessionId, SessionIdHash};
 use crate::metrics::RefreshOutcome;
 use crate::oidc::id_token::Expectations;
 use crate::oidc::{IdpError, OAuthErrorCode, TokenResponse};
-use crate::store::{CachedAccessToken, SessionRecord, StoreError};
+use crate::store::{
+    CachedAccessToken, LeaseAttempt, RefreshCommit, RefreshedTokens, SessionRecord, StoreError,
+};
 
 /// A token is refreshed when it has less than this left.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(30);
@@ -45,37 +51,54 @@ pub enum TokenError {
 }
 
 impl Broker {
-    /// Caches the access token of a token response, with its expiry and refresh time.
-    pub(crate) async fn cache_access_token(
+    /// The access token of a token response, with its expiry and refresh time.
+    pub(crate) fn access_token_entry(
         &self,
-        hash: &SessionIdHash,
         tokens: &TokenResponse,
         now: DateTime<Utc>,
-    ) {
+    ) -> CachedAccessToken {
         let lifetime = tokens
             .expires_in
             .filter(|seconds| *seconds > 0)
             .map_or(DEFAULT_LIFETIME, Duration::from_secs);
         let margin = REFRESH_MARGIN.min(lifetime / 2);
-        let cached = CachedAccessToken {
+        CachedAccessToken {
             token: tokens.access_token.clone(),
             expires_at: now + chrono_duration(lifetime),
             refresh_at: now + chrono_duration(lifetime - margin),
+        }
+    }
+
+    /// Caches an access token in Redis until it expires. The cache only saves work (PostgreSQL
+    /// has the token too), so a failure is logged, not returned.
+    pub(crate) async fn cache_access_token(&self, hash: &SessionIdHash, entry: &CachedAccessToken) {
+        let Ok(ttl) = (entry.expires_at - self.clock.now()).to_std() else {
+            return;
         };
-        if let Err(error) = self.cache.put_access_token(hash, &cached, lifetime).await {
+        if let Err(error) = self.cache.put_access_token(hash, entry, ttl).await {
             self.metrics.store_error(&error);
             tracing::warn!(%error, "could not cache the access token");
         }
     }
 
-    /// The session's access token if cached, not due for refresh, and not the `stale` one.
-    async fn fresh_cached_token(
+    /// The session's latest access token if it is not due for refresh and not the `stale` one:
+    /// from Redis, or from PostgreSQL when Redis fails.
+    async fn fresh_stored_token(
         &self,
         hash: &SessionIdHash,
         stale: Option<&AccessToken>,
     ) -> Result<Option<AccessToken>, StoreError> {
-        let cached = self.cache.get_access_token(hash).await?;
-        Ok(self.fresh(cached, stale))
+        let latest = match self.cache.get_access_token(hash).await {
+            Ok(cached) => cached,
+            Err(error) => {
+                self.metrics.store_error(&error);
+                match self.sessions.find(hash).await? {
+                    Some(record) => record.access_token,
+                    None => None,
+                }
+            }
+        };
+        Ok(self.fresh(latest, stale))
     }
 
     /// The token of `cached` if it is not due for refresh and not the `stale` one.
@@ -121,7 +144,7 @@ impl Broker {
             .ok_or(TokenError::NoSession)?;
         let cached = match prefetched {
             Some(cached) => self.fresh(cached, stale),
-            None => self.fresh_cached_token(&hash, stale).await?,
+            None => self.fresh_stored_token(&hash, stale).await?,
         };
         let access_token = match cached {
             Some(token) => token,
@@ -138,21 +161,29 @@ impl Broker {
         hash: &SessionIdHash,
         stale: Option<&AccessToken>,
     ) -> Result<AccessToken, TokenError> {
-        // The lock outlives the longest refresh (one IdP call), so it only expires on its own
+        // The lease outlives the longest refresh (one IdP call), so it only expires on its own
         // when its holder died; waiters give up a little after that.
-        let lock_ttl = self.config.idp_timeout + Duration::from_secs(5);
-        let give_up = Instant::now() + lock_ttl + Duration::from_secs(1);
+        let lease_ttl = self.config.idp_timeout + Duration::from_secs(5);
+        let give_up = Instant::now() + lease_ttl + Duration::from_secs(1);
         loop {
-            if let Some(lock) = self.cache.try_lock_refresh(hash, lock_ttl).await? {
-                let result = self.refresh_holding_lock(hash, stale).await;
-                if let Err(error) = self.cache.unlock_refresh(hash, &lock).await {
-                    self.metrics.store_error(&error);
-                    tracing::warn!(%error, "could not release the refresh lock; it expires on its own");
+            match self.sessions.try_lease_refresh(hash, lease_ttl).await {
+                Ok(LeaseAttempt::Taken { lease, record }) => {
+                    return self.refresh_under_lease(hash, lease, *record, stale).await;
                 }
-                return result;
+                Ok(LeaseAttempt::Held) => {}
+                Ok(LeaseAttempt::Gone) => return Err(TokenError::NoSession),
+                Err(StoreError::Sealed(error)) => {
+                    tracing::warn!(%error, "ending a session whose tokens cannot be opened");
+                    self.end_session(hash).await?;
+                    return Err(TokenError::NoSession);
+                }
+                Err(error) => {
+                    self.metrics.store_error(&error);
+                    return Err(error.into());
+                }
             }
             tokio::time::sleep(WAIT_POLL).await;
-            if let Some(token) = self.fresh_cached_token(hash, stale).await? {
+            if let Some(token) = self.fresh_stored_token(hash, stale).await? {
                 return Ok(token);
             }
             if Instant::now() >= give_up {
@@ -163,17 +194,36 @@ impl Broker {
         }
     }
 
-    async fn refresh_holding_lock(
+    /// Holding the lease, with the record read under it: the stored access token if another
+    /// request refreshed meanwhile, else one refresh grant. The lease is released on every path
+    /// (the commit releases it; a deleted row takes it along).
+    async fn refresh_under_lease(
         &self,
         hash: &SessionIdHash,
+        lease: uuid::Uuid,
+        record: SessionRecord,
         stale: Option<&AccessToken>,
     ) -> Result<AccessToken, TokenError> {
-        // Another replica may have refreshed between our look and our lock.
-        if let Some(token) = self.fresh_cached_token(hash, stale).await? {
-            return Ok(token);
+        let session = record.id;
+        let result = if let Some(token) = self.fresh(record.access_token.clone(), stale) {
+            // Refreshed by someone else while we waited: put it back in the cache for the rest.
+            if let Some(entry) = &record.access_token {
+                self.cache_access_token(hash, entry).await;
+            }
+            Ok(token)
+        } else {
+            let (result, outcome) = self.refresh_grant(hash, lease, record).await;
+            self.metrics.refresh(outcome);
+            if outcome == RefreshOutcome::Success {
+                // The commit released the lease.
+                return result;
+            }
+            result
+        };
+        if let Err(error) = self.sessions.release_refresh_lease(session, lease).await {
+            self.metrics.store_error(&error);
+            tracing::warn!(%error, "could not release the refresh lease; it expires on its own");
         }
-        let (result, outcome) = self.refresh_grant(hash).await;
-        self.metrics.refresh(outcome);
         result
     }
 
@@ -181,20 +231,12 @@ impl Broker {
     async fn refresh_grant(
         &self,
         hash: &SessionIdHash,
+        lease: uuid::Uuid,
+        record: SessionRecord,
     ) -> (Result<AccessToken, TokenError>, RefreshOutcome) {
         let gone = |result: Result<Option<SessionRecord>, StoreError>| match result {
             Ok(_) => (Err(TokenError::NoSession), RefreshOutcome::SessionGone),
             Err(error) => (Err(error.into()), RefreshOutcome::StoreError),
-        };
-        // The stored refresh token, read now: the one we may have seen before could be spent.
-        let record = match self.sessions.find(hash).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return gone(Ok(None)),
-            Err(StoreError::Sealed(error)) => {
-                tracing::warn!(%error, "ending a session whose tokens cannot be opened");
-                return gone(self.end_session(hash).await);
-            }
-            Err(error) => return gone(Err(error)),
         };
         let Some(refresh_token) = record.refresh_token.clone() else {
             tracing::info!(session = %record.id, "no refresh token (no offline_access): the session cannot get a new access token");
@@ -225,18 +267,33 @@ impl Broker {
         let id_token = self.refreshed_id_token(&record, &tokens).await;
         // RFC 6749 §6: without a new refresh token, the old one stays valid.
         let refresh_token = tokens.refresh_token.clone().unwrap_or(refresh_token);
-        // Committed before the lock is released: nobody can present the old token again.
+        let entry = self.access_token_entry(&tokens, self.clock.now());
+        // Committed with the lease's release: nobody can present the old token again.
+        let stored = RefreshedTokens {
+            refresh_token: Some(&refresh_token),
+            id_token: &id_token,
+            access_token: &entry,
+        };
         match self
             .sessions
-            .update_tokens(record.id, Some(&refresh_token), &id_token)
+            .commit_refresh(record.id, lease, &stored)
             .await
         {
-            Ok(true) => {}
-            Ok(false) => return gone(Ok(None)),
-            Err(error) => return gone(Err(error)),
+            Ok(RefreshCommit::Committed) => {}
+            Ok(RefreshCommit::Gone) => return gone(Ok(None)),
+            Ok(RefreshCommit::LeaseLost) => {
+                // Only when this refresh outlived its lease (a stalled process): the next holder
+                // may have stored newer tokens, which ours must not overwrite. The access token
+                // is good; the rotated refresh token is lost, and with it, at worst, the session.
+                tracing::warn!(session = %record.id, "the refresh lease expired during the refresh; its tokens were not stored");
+                return (Ok(tokens.access_token), RefreshOutcome::Success);
+            }
+            Err(error) => {
+                self.metrics.store_error(&error);
+                return gone(Err(error));
+            }
         }
-        self.cache_access_token(hash, &tokens, self.clock.now())
-            .await;
+        self.cache_access_token(hash, &entry).await;
         tracing::info!(session = %record.id, "access token refreshed");
         (Ok(tokens.access_token), RefreshOutcome::Success)
     }

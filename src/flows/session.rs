@@ -62,9 +62,9 @@ impl Broker {
             .map(|(view, _)| view))
     }
 
-    /// [`Broker::current_session`] by ID hash. With `with_token`, the session's cached access
-    /// token is read in the same Redis round trip and returned as `Some(cached)`; `None` when it
-    /// was not read (not asked for, or Redis failed: the caller asks again). No span of its own
+    /// [`Broker::current_session`] by ID hash. With `with_token`, the session's latest access
+    /// token is read in the same Redis round trip (or with the row, when PostgreSQL was read)
+    /// and returned as `Some(latest)`; `None` when it was not asked for. No span of its own
     /// (nor in `current_session`): this is every page load's path, and the request's span
     /// already names the route.
     pub(crate) async fn live_session(
@@ -81,7 +81,8 @@ impl Broker {
         } else {
             self.cache.get(hash).await.map(|lookup| (lookup, None))
         };
-        let (cached, token) = match lookup {
+        let redis_answered = lookup.is_ok();
+        let (cached, mut token) = match lookup {
             Ok((CacheLookup::Live(session), token)) => (Some(session), token),
             Ok((CacheLookup::Ended, _)) => return Ok(None),
             Ok((CacheLookup::Unknown, token)) => (None, token),
@@ -95,7 +96,16 @@ impl Broker {
         let (mut session, from_cache) = match cached {
             Some(session) => (session, true),
             None => match self.sessions.find(hash).await {
-                Ok(Some(record)) => (record.view(), false),
+                Ok(Some(record)) => {
+                    // Redis has no token (flushed, evicted) or is down: the row's copy serves.
+                    if with_token && !matches!(token, Some(Some(_))) {
+                        if let (true, Some(entry)) = (redis_answered, &record.access_token) {
+                            self.cache_access_token(hash, entry).await;
+                        }
+                        token = Some(record.access_token.clone());
+                    }
+                    (record.view(), false)
+                }
                 Ok(None) => return Ok(None),
                 Err(StoreError::Sealed(error)) => {
                     // Sealed under a key no longer configured: the session cannot be used.

@@ -188,6 +188,7 @@ mod tests {
             idp_sid: None,
             id_token: IdToken::new("id-token"),
             refresh_token: None,
+            access_token: None,
             created_at: now - age,
             last_seen_at: now - idle,
             expires_at: now - age + chrono::Duration::days(1),

@@ -13,12 +13,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, ResealOutcome,
-    SessionCache, SessionRecord, SessionRepository, SessionSummary, StoreError,
+    CacheLookup, CachedAccessToken, CachedSession, LeaseAttempt, LoginStore, PendingLogin,
+    RefreshCommit, RefreshedTokens, ResealOutcome, SessionCache, SessionRecord, SessionRepository,
+    SessionSummary, StoreError,
 };
 use crate::clock::Clock;
-use crate::crypto::random_token;
-use crate::domain::{IdToken, RefreshToken, SessionIdHash, State};
+use crate::domain::{SessionIdHash, State};
 
 enum CacheEntry {
     Live(CachedSession),
@@ -30,7 +30,8 @@ struct Maps {
     pending: HashMap<String, (PendingLogin, DateTime<Utc>)>,
     cache: HashMap<SessionIdHash, (CacheEntry, DateTime<Utc>)>,
     access_tokens: HashMap<SessionIdHash, (CachedAccessToken, DateTime<Utc>)>,
-    locks: HashMap<SessionIdHash, (String, DateTime<Utc>)>,
+    /// Refresh leases by session id: (lease, until).
+    leases: HashMap<Uuid, (Uuid, DateTime<Utc>)>,
     seen: HashMap<String, DateTime<Utc>>,
     sessions: HashMap<SessionIdHash, SessionRecord>,
 }
@@ -65,7 +66,9 @@ impl MemoryStore {
             .map(|r| r.id_hash)
             .collect();
         for hash in &hashes {
-            maps.sessions.remove(hash);
+            if let Some(record) = maps.sessions.remove(hash) {
+                maps.leases.remove(&record.id);
+            }
         }
         hashes
     }
@@ -163,34 +166,6 @@ impl SessionCache for MemoryStore {
             .map(|(token, _)| token.clone()))
     }
 
-    async fn try_lock_refresh(
-        &self,
-        hash: &SessionIdHash,
-        ttl: Duration,
-    ) -> Result<Option<String>, StoreError> {
-        let now = self.clock.now();
-        let deadline = self.deadline(ttl);
-        let mut maps = self.maps();
-        if maps.locks.get(hash).is_some_and(|(_, until)| *until > now) {
-            return Ok(None);
-        }
-        let token = random_token();
-        maps.locks.insert(*hash, (token.clone(), deadline));
-        Ok(Some(token))
-    }
-
-    async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError> {
-        let mut maps = self.maps();
-        if maps
-            .locks
-            .get(hash)
-            .is_some_and(|(owner, _)| owner == token)
-        {
-            maps.locks.remove(hash);
-        }
-        Ok(())
-    }
-
     async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
         let now = self.clock.now();
         let deadline = self.deadline(ttl);
@@ -234,23 +209,69 @@ impl SessionRepository for MemoryStore {
     }
 
     async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self.maps().sessions.remove(hash))
+        let mut maps = self.maps();
+        let record = maps.sessions.remove(hash);
+        if let Some(record) = &record {
+            maps.leases.remove(&record.id);
+        }
+        Ok(record)
     }
 
-    async fn update_tokens(
+    async fn try_lease_refresh(
+        &self,
+        hash: &SessionIdHash,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        let now = self.clock.now();
+        let until = self.deadline(ttl);
+        let mut maps = self.maps();
+        let Some(record) = maps.sessions.get(hash).cloned() else {
+            return Ok(LeaseAttempt::Gone);
+        };
+        if maps
+            .leases
+            .get(&record.id)
+            .is_some_and(|(_, until)| *until > now)
+        {
+            return Ok(LeaseAttempt::Held);
+        }
+        let lease = Uuid::new_v4();
+        maps.leases.insert(record.id, (lease, until));
+        Ok(LeaseAttempt::Taken {
+            lease,
+            record: Box::new(record),
+        })
+    }
+
+    async fn release_refresh_lease(&self, id: Uuid, lease: Uuid) -> Result<(), StoreError> {
+        let mut maps = self.maps();
+        if maps.leases.get(&id).is_some_and(|(held, _)| *held == lease) {
+            maps.leases.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn commit_refresh(
         &self,
         id: Uuid,
-        refresh_token: Option<&RefreshToken>,
-        id_token: &IdToken,
-    ) -> Result<bool, StoreError> {
+        lease: Uuid,
+        tokens: &RefreshedTokens<'_>,
+    ) -> Result<RefreshCommit, StoreError> {
         let mut maps = self.maps();
-        let record = maps.sessions.values_mut().find(|record| record.id == id);
-        Ok(record
-            .map(|record| {
-                record.refresh_token = refresh_token.cloned();
-                record.id_token = id_token.clone();
-            })
-            .is_some())
+        let Maps {
+            sessions, leases, ..
+        } = &mut *maps;
+        let Some(record) = sessions.values_mut().find(|record| record.id == id) else {
+            return Ok(RefreshCommit::Gone);
+        };
+        if leases.get(&id).is_none_or(|(held, _)| *held != lease) {
+            return Ok(RefreshCommit::LeaseLost);
+        }
+        leases.remove(&id);
+        record.refresh_token = tokens.refresh_token.cloned();
+        record.id_token = tokens.id_token.clone();
+        record.access_token = Some(tokens.access_token.clone());
+        Ok(RefreshCommit::Committed)
     }
 
     async fn delete_by_idp_session(
@@ -301,7 +322,9 @@ impl SessionRepository for MemoryStore {
             .map(|r| r.id_hash)
             .collect();
         for hash in &expired {
-            maps.sessions.remove(hash);
+            if let Some(record) = maps.sessions.remove(hash) {
+                maps.leases.remove(&record.id);
+            }
         }
         Ok(Some(expired))
     }

@@ -3,7 +3,8 @@
 //! - [`LoginStore`] (Redis): pending logins, written by `/login`, consumed once by `/callback`.
 //! - [`SessionCache`] (Redis): the token-free view of a session that `/session` reads on every
 //!   page load, plus tombstones of ended sessions so that no replica resurrects them.
-//! - [`SessionRepository`] (PostgreSQL): the source of truth, with tokens sealed at rest.
+//! - [`SessionRepository`] (PostgreSQL): the source of truth, with tokens sealed at rest, and
+//!   the refresh lease that makes one refresh grant per session at a time across replicas.
 //!
 //! Flows depend on the traits only, so the same flow code runs on other implementations.
 
@@ -56,6 +57,8 @@ pub struct SessionRecord {
     pub idp_sid: Option<String>,
     pub id_token: IdToken,
     pub refresh_token: Option<RefreshToken>,
+    /// The latest access token, so that `/auth` keeps working without Redis (which caches it).
+    pub access_token: Option<CachedAccessToken>,
     pub created_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
@@ -141,15 +144,6 @@ pub trait SessionCache: Send + Sync + 'static {
         let lookup = self.get(hash).await?;
         Ok((lookup, self.get_access_token(hash).await?))
     }
-    /// Takes the session's refresh lock for `ttl` unless someone holds it; returns the token
-    /// that releases it. The TTL bounds a lock whose holder died.
-    async fn try_lock_refresh(
-        &self,
-        hash: &SessionIdHash,
-        ttl: std::time::Duration,
-    ) -> Result<Option<String>, StoreError>;
-    /// Releases the lock if `token` still owns it (a lock that expired and was retaken is not ours).
-    async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError>;
     /// Records `id` (e.g. a logout token's `jti`) for `ttl`; false when it was already recorded.
     async fn remember_once(&self, id: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
     /// Forgets what `remember_once` recorded, so that a request that failed after recording its
@@ -166,13 +160,25 @@ pub trait SessionRepository: Send + Sync + 'static {
     async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError>;
     /// Deletes the session; returns the deleted record (its tokens are needed for revocation).
     async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError>;
-    /// Stores tokens from a refresh, resealed under the current key; false when the row is gone.
-    async fn update_tokens(
+    /// Takes the session's refresh lease for `ttl` unless someone holds it, and returns the
+    /// record as it is now (the tokens to refresh with are re-read under the lease). The TTL,
+    /// on the database's clock, bounds a lease whose holder died.
+    async fn try_lease_refresh(
+        &self,
+        hash: &SessionIdHash,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseAttempt, StoreError>;
+    /// Gives the lease back if it is still `lease` (one that expired and was retaken is not ours).
+    async fn release_refresh_lease(&self, id: Uuid, lease: Uuid) -> Result<(), StoreError>;
+    /// Stores the tokens of a refresh, resealed under the current key, and releases the lease,
+    /// in one statement, only while `lease` is still held: a holder that outlived its lease never
+    /// overwrites what the next holder stored.
+    async fn commit_refresh(
         &self,
         id: Uuid,
-        refresh_token: Option<&RefreshToken>,
-        id_token: &IdToken,
-    ) -> Result<bool, StoreError>;
+        lease: Uuid,
+        tokens: &RefreshedTokens<'_>,
+    ) -> Result<RefreshCommit, StoreError>;
     /// Deletes the sessions of an IdP session (`sid`), restricted to `sub` when given.
     async fn delete_by_idp_session(
         &self,
@@ -202,6 +208,38 @@ pub trait SessionRepository: Send + Sync + 'static {
         idle_cutoff: DateTime<Utc>,
     ) -> Result<u64, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// How [`SessionRepository::try_lease_refresh`] went.
+#[derive(Debug)]
+pub enum LeaseAttempt {
+    /// Ours until released or `ttl` passes, with the record read under it.
+    Taken {
+        lease: Uuid,
+        record: Box<SessionRecord>,
+    },
+    /// Another request (on any replica) is refreshing this session.
+    Held,
+    /// No such session.
+    Gone,
+}
+
+/// What a refresh stores: every token is resealed under the current key.
+#[derive(Debug)]
+pub struct RefreshedTokens<'a> {
+    pub refresh_token: Option<&'a RefreshToken>,
+    pub id_token: &'a IdToken,
+    pub access_token: &'a CachedAccessToken,
+}
+
+/// How [`SessionRepository::commit_refresh`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshCommit {
+    Committed,
+    /// The session was deleted meanwhile (logout, back-channel logout, sweep).
+    Gone,
+    /// The lease expired and someone else took it: nothing was stored.
+    LeaseLost,
 }
 
 /// What one [`SessionRepository::reseal_batch`] did.

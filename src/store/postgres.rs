@@ -14,9 +14,12 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{ResealOutcome, SessionRecord, SessionRepository, SessionSummary, StoreError};
+use super::{
+    CachedAccessToken, LeaseAttempt, RefreshCommit, RefreshedTokens, ResealOutcome, SessionRecord,
+    SessionRepository, SessionSummary, StoreError,
+};
 use crate::crypto::{Cipher, Sealed};
-use crate::domain::{IdToken, RefreshToken, SessionIdHash, UserClaims};
+use crate::domain::{AccessToken, IdToken, RefreshToken, SessionIdHash, UserClaims};
 
 /// The migrations of `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -55,26 +58,27 @@ impl PgSessionRepository {
         &self.pool
     }
 
-    /// Seals a row's tokens under the current key: (key id, ID token, refresh token).
+    /// Seals a row's tokens under the current key.
     fn seal_tokens(
         &self,
         id: Uuid,
         id_token: &IdToken,
         refresh_token: Option<&RefreshToken>,
-    ) -> (String, Vec<u8>, Option<Vec<u8>>) {
-        let id_token = self.cipher.seal(
-            id_token.secret().as_bytes(),
-            &associated_data(id, "id_token"),
-        );
-        let refresh_token = refresh_token.map(|token| {
+        access_token: Option<&CachedAccessToken>,
+    ) -> SealedTokens {
+        let seal = |column: &str, plain: &str| {
             self.cipher
-                .seal(
-                    token.secret().as_bytes(),
-                    &associated_data(id, "refresh_token"),
-                )
+                .seal(plain.as_bytes(), &associated_data(id, column))
                 .bytes
-        });
-        (id_token.key_id, id_token.bytes, refresh_token)
+        };
+        SealedTokens {
+            key_id: self.cipher.current_key_id().to_string(),
+            id_token: seal("id_token", id_token.secret()),
+            refresh_token: refresh_token.map(|token| seal("refresh_token", token.secret())),
+            access_token: access_token.map(|token| seal("access_token", token.token.secret())),
+            access_token_expires_at: access_token.map(|token| token.expires_at),
+            access_token_refresh_at: access_token.map(|token| token.refresh_at),
+        }
     }
 
     fn record_from_row(&self, row: &PgRow) -> Result<SessionRecord, StoreError> {
@@ -94,6 +98,18 @@ impl PgSessionRepository {
             .try_get::<Option<Vec<u8>>, _>("refresh_token_sealed")?
             .map(|bytes| open("refresh_token", bytes))
             .transpose()?;
+        let access_token = match (
+            row.try_get::<Option<Vec<u8>>, _>("access_token_sealed")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("access_token_expires_at")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("access_token_refresh_at")?,
+        ) {
+            (Some(bytes), Some(expires_at), Some(refresh_at)) => Some(CachedAccessToken {
+                token: AccessToken::new(open("access_token", bytes)?),
+                expires_at,
+                refresh_at,
+            }),
+            _ => None,
+        };
         let hash: Vec<u8> = row.try_get("id_hash")?;
         let hash: [u8; 32] = hash
             .try_into()
@@ -106,10 +122,41 @@ impl PgSessionRepository {
             idp_sid: row.try_get("idp_sid")?,
             id_token: IdToken::new(id_token),
             refresh_token: refresh_token.map(RefreshToken::new),
+            access_token,
             created_at: row.try_get("created_at")?,
             last_seen_at: row.try_get("last_seen_at")?,
             expires_at: row.try_get("expires_at")?,
         })
+    }
+}
+
+/// A row's tokens, sealed under the current key (see [`PgSessionRepository::seal_tokens`]).
+struct SealedTokens {
+    key_id: String,
+    id_token: Vec<u8>,
+    refresh_token: Option<Vec<u8>>,
+    access_token: Option<Vec<u8>>,
+    access_token_expires_at: Option<DateTime<Utc>>,
+    access_token_refresh_at: Option<DateTime<Utc>>,
+}
+
+/// Writes every sealed column of a row (`$1` is the row's id): the refresh commit and re-sealing.
+const SET_SEALED_TOKENS: &str = "key_id = $2, id_token_sealed = $3, refresh_token_sealed = $4,
+     access_token_sealed = $5, access_token_expires_at = $6, access_token_refresh_at = $7";
+
+impl SealedTokens {
+    /// Binds `$2`..`$7` of [`SET_SEALED_TOKENS`].
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.key_id)
+            .bind(self.id_token)
+            .bind(self.refresh_token)
+            .bind(self.access_token)
+            .bind(self.access_token_expires_at)
+            .bind(self.access_token_refresh_at)
     }
 }
 
@@ -127,29 +174,30 @@ fn hash_from_row(row: &PgRow) -> Result<SessionIdHash, StoreError> {
 impl SessionRepository for PgSessionRepository {
     #[tracing::instrument(skip_all, fields(session = %session.id))]
     async fn insert(&self, session: &SessionRecord) -> Result<(), StoreError> {
-        let (key_id, id_token, refresh_token) = self.seal_tokens(
+        let sealed = self.seal_tokens(
             session.id,
             &session.id_token,
             session.refresh_token.as_ref(),
+            session.access_token.as_ref(),
         );
-        sqlx::query(
-            "INSERT INTO sessions (id, id_hash, subject, idp_sid, user_claims, key_id, id_token_sealed,
-                                   refresh_token_sealed, created_at, last_seen_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        let query = sqlx::query(
+            "INSERT INTO sessions (id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+                                   access_token_expires_at, access_token_refresh_at, id_hash, subject,
+                                   idp_sid, user_claims, created_at, last_seen_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
-        .bind(session.id)
-        .bind(session.id_hash.as_bytes())
-        .bind(&session.user.sub)
-        .bind(&session.idp_sid)
-        .bind(sqlx::types::Json(&session.user))
-        .bind(key_id)
-        .bind(id_token)
-        .bind(refresh_token)
-        .bind(session.created_at)
-        .bind(session.last_seen_at)
-        .bind(session.expires_at)
-        .execute(&self.pool)
-        .await?;
+        .bind(session.id);
+        sealed
+            .bind(query)
+            .bind(session.id_hash.as_bytes())
+            .bind(&session.user.sub)
+            .bind(&session.idp_sid)
+            .bind(sqlx::types::Json(&session.user))
+            .bind(session.created_at)
+            .bind(session.last_seen_at)
+            .bind(session.expires_at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -190,24 +238,87 @@ impl SessionRepository for PgSessionRepository {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(session = %id))]
-    async fn update_tokens(
+    async fn try_lease_refresh(
         &self,
-        id: Uuid,
-        refresh_token: Option<&RefreshToken>,
-        id_token: &IdToken,
-    ) -> Result<bool, StoreError> {
-        let (key_id, id_token, refresh_token) = self.seal_tokens(id, id_token, refresh_token);
-        let result = sqlx::query(
-            "UPDATE sessions SET key_id = $2, id_token_sealed = $3, refresh_token_sealed = $4 WHERE id = $1",
+        hash: &SessionIdHash,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        let lease = Uuid::new_v4();
+        let row = sqlx::query(
+            "UPDATE sessions SET refresh_lease = $2, refresh_lease_until = now() + $3 * interval '1 millisecond'
+             WHERE id_hash = $1 AND (refresh_lease_until IS NULL OR refresh_lease_until <= now())
+             RETURNING *",
+        )
+        .bind(hash.as_bytes())
+        .bind(lease)
+        .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(LeaseAttempt::Taken {
+                lease,
+                record: Box::new(self.record_from_row(&row)?),
+            });
+        }
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id_hash = $1)")
+                .bind(hash.as_bytes())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(if exists {
+            LeaseAttempt::Held
+        } else {
+            LeaseAttempt::Gone
+        })
+    }
+
+    async fn release_refresh_lease(&self, id: Uuid, lease: Uuid) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sessions SET refresh_lease = NULL, refresh_lease_until = NULL
+             WHERE id = $1 AND refresh_lease = $2",
         )
         .bind(id)
-        .bind(key_id)
-        .bind(id_token)
-        .bind(refresh_token)
+        .bind(lease)
         .execute(&self.pool)
         .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %id))]
+    async fn commit_refresh(
+        &self,
+        id: Uuid,
+        lease: Uuid,
+        tokens: &RefreshedTokens<'_>,
+    ) -> Result<RefreshCommit, StoreError> {
+        let sealed = self.seal_tokens(
+            id,
+            tokens.id_token,
+            tokens.refresh_token,
+            Some(tokens.access_token),
+        );
+        let statement = format!(
+            "UPDATE sessions SET {SET_SEALED_TOKENS}, refresh_lease = NULL, refresh_lease_until = NULL
+             WHERE id = $1 AND refresh_lease = $8"
+        );
+        let result = sealed
+            .bind(sqlx::query(&statement).bind(id))
+            .bind(lease)
+            .execute(&self.pool)
+            .await?;
+        if result.rows_affected() == 1 {
+            return Ok(RefreshCommit::Committed);
+        }
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(if exists {
+            RefreshCommit::LeaseLost
+        } else {
+            RefreshCommit::Gone
+        })
     }
 
     async fn delete_by_idp_session(
@@ -330,13 +441,15 @@ impl SessionRepository for PgSessionRepository {
                 }
                 Err(other) => return Err(other),
             };
-            let (key_id, id_token, refresh_token) =
-                self.seal_tokens(record.id, &record.id_token, record.refresh_token.as_ref());
-            sqlx::query("UPDATE sessions SET key_id = $2, id_token_sealed = $3, refresh_token_sealed = $4 WHERE id = $1")
-                .bind(record.id)
-                .bind(key_id)
-                .bind(id_token)
-                .bind(refresh_token)
+            let sealed = self.seal_tokens(
+                record.id,
+                &record.id_token,
+                record.refresh_token.as_ref(),
+                record.access_token.as_ref(),
+            );
+            let statement = format!("UPDATE sessions SET {SET_SEALED_TOKENS} WHERE id = $1");
+            sealed
+                .bind(sqlx::query(&statement).bind(record.id))
                 .execute(&mut *transaction)
                 .await?;
             outcome.resealed += 1;

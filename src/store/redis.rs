@@ -5,11 +5,10 @@
 //! | `{prefix}login:<sha256(state)>` | pending login, sealed JSON | `BROKER_LOGIN_TTL` |
 //! | `{prefix}session:{<hash>}` | [`CachedSession`] JSON, sealed; or `ended` | until idle/absolute expiry; `ended`: 1 h |
 //! | `{prefix}at:{<hash>}` | access token and its expiry, sealed (`/auth`) | the token's expiry |
-//! | `{prefix}lock:{<hash>}` | the refresh lock: its holder's random token | a bound on one refresh |
 //! | `{prefix}seen:<sha256(id)>` | `1`: a logout token's `jti` already used | until the token could expire |
 //!
 //! `<hash>` is the hex SHA-256 of the session ID, inside `{…}` (a Redis Cluster hash tag): a
-//! session's view (or tombstone), token cache and lock share one slot, so the `MULTI` that ends
+//! session's view (or tombstone) and token cache share one slot, so the `MULTI` that ends
 //! a session (view and token cache at once) and the `MGET` that `/auth` reads both with work on
 //! a cluster, while different sessions spread
 //! over the masters. Every other command and script touches one key; there is no `KEYS`/`SCAN`.
@@ -29,7 +28,7 @@ use super::{
     CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, SessionCache,
     StoreError,
 };
-use crate::crypto::{random_token, Cipher};
+use crate::crypto::Cipher;
 use crate::domain::{SessionIdHash, State};
 
 mod connection;
@@ -41,12 +40,6 @@ use topology::RedisTopology;
 const ENDED: &str = "ended";
 /// How long a tombstone stays: far longer than any request that might re-cache the session.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
-
-/// Deletes a lock only while it still holds the caller's token.
-const DELETE_IF_OWNED: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
 
 /// Sets the session view unless a tombstone is there (atomic on the server).
 const PUT_UNLESS_ENDED: &str = r"
@@ -61,7 +54,6 @@ pub struct RedisStore {
     prefix: String,
     cipher: Cipher,
     put_unless_ended: Script,
-    delete_if_owned: Script,
 }
 
 impl RedisStore {
@@ -77,7 +69,6 @@ impl RedisStore {
             prefix: prefix.to_string(),
             cipher,
             put_unless_ended: Script::new(PUT_UNLESS_ENDED),
-            delete_if_owned: Script::new(DELETE_IF_OWNED),
         })
     }
 
@@ -87,10 +78,6 @@ impl RedisStore {
 
     fn session_key(&self, hash: &SessionIdHash) -> String {
         format!("{}session:{{{}}}", self.prefix, hash.to_hex())
-    }
-
-    fn refresh_lock_key(&self, hash: &SessionIdHash) -> String {
-        format!("{}lock:{{{}}}", self.prefix, hash.to_hex())
     }
 
     fn access_token_key(&self, hash: &SessionIdHash) -> String {
@@ -270,35 +257,6 @@ impl SessionCache for RedisStore {
         let mut connection = self.connection.clone();
         let sealed: Option<String> = connection.get(&key).await?;
         Ok(sealed.and_then(|sealed| self.open_access_token(&key, &sealed)))
-    }
-
-    async fn try_lock_refresh(
-        &self,
-        hash: &SessionIdHash,
-        ttl: Duration,
-    ) -> Result<Option<String>, StoreError> {
-        let token = random_token();
-        let mut connection = self.connection.clone();
-        let acquired: Option<String> = redis::cmd("SET")
-            .arg(self.refresh_lock_key(hash))
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .query_async(&mut connection)
-            .await?;
-        Ok(acquired.map(|_| token))
-    }
-
-    async fn unlock_refresh(&self, hash: &SessionIdHash, token: &str) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        let _: i64 = self
-            .delete_if_owned
-            .key(self.refresh_lock_key(hash))
-            .arg(token)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(())
     }
 
     async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {

@@ -396,15 +396,14 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
     let redis_url = redis.url();
     let app = spawn_app_with(|s| s.settings.redis_url = Some(redis_url)).await;
     let alice = app.logged_in_browser("alice").await;
-    assert_eq!(
-        forward_auth(&app.http, &app.address, &alice).await.status(),
-        200
-    );
+    let response = forward_auth(&app.http, &app.address, &alice).await;
+    assert_eq!(response.status(), 200);
+    let token_before = bearer(&response);
 
-    // Load throughout: /session is always 200; /auth 200, or 503 while Redis is down; /login a
-    // 302 to the IdP, or 503 while Redis is down. A refused connection fails at once (one
-    // connection attempt per reconnect, src/store/redis/connection.rs), a hung one after the 2 s
-    // connection time-out: no answer waits longer (before that fix, /auth took 7 s).
+    // Load throughout: /session and /auth are always 200; /login a 302 to the IdP, or 503 while
+    // Redis is down. A refused connection fails at once (one connection attempt per reconnect,
+    // src/store/redis/connection.rs), a hung one after the 2 s connection time-out: no answer
+    // waits longer (before that fix, /auth took 7 s).
     let mut load = Load::new();
     let bound = Duration::from_millis(2500);
     load.hammer(
@@ -414,13 +413,7 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
         &[200],
         bound,
     );
-    load.hammer(
-        url(&app, "/auth"),
-        alice.cookie_header(),
-        2,
-        &[200, 503],
-        bound,
-    );
+    load.hammer(url(&app, "/auth"), alice.cookie_header(), 2, &[200], bound);
     load.hammer(url(&app, "/login"), String::new(), 1, &[302, 503], bound);
     let load_started = Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -441,9 +434,20 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["user"]["sub"], "alice");
-    // /auth: 503 (README "Choices": no refresh lock and no token cache without Redis).
-    let body = assert_unavailable(forward_auth(&app.http, &app.address, &alice).await).await;
-    assert_eq!(body["type"], "urn:token-broker:problem:unavailable");
+    // /auth: the access token from alice's PostgreSQL row.
+    let response = forward_auth(&app.http, &app.address, &alice).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(bearer(&response), token_before);
+    // A token due for refresh (while the load's two /auth workers ask for it too): one refresh
+    // grant, single-flight on the session row's lease, stored in the row.
+    let grants_before = app.idp.stats().refresh_grants;
+    expire_stored_token(&app, &alice).await;
+    let response = forward_auth(&app.http, &app.address, &alice).await;
+    assert_eq!(response.status(), 200);
+    let refreshed = bearer(&response);
+    assert_ne!(refreshed, token_before);
+    assert_eq!(app.idp.stats().refresh_grants - grants_before, 1);
+    assert_eq!(app.idp.stats().refresh_grants_rejected, 0);
     // /login: 503 problem+json with Retry-After, no redirect.
     let mut carol = Browser::default();
     let response = app.get_login(&mut carol, None).await;
@@ -465,12 +469,12 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
         forward_auth(&app.http, &app.address, &carol).await.status(),
         200
     );
-    // alice's token cache went with Redis: /auth refreshes from PostgreSQL's refresh token.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while forward_auth(&app.http, &app.address, &alice).await.status() != 200 {
-        assert!(Instant::now() < deadline, "/auth does not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // alice's token cache went with Redis: /auth has the refreshed one from PostgreSQL, and
+    // Redis caches it again.
+    let response = forward_auth(&app.http, &app.address, &alice).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(bearer(&response), refreshed);
+    assert_eq!(app.idp.stats().refresh_grants - grants_before, 1);
     assert_eq!(app.get("/readyz", &alice).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -657,9 +661,9 @@ async fn a_slow_token_endpoint_under_load_leaves_sessions_alone_and_fails_logins
 // A broker killed mid-refresh
 
 #[tokio::test]
-async fn a_broker_sigkilled_mid_refresh_leaves_a_lock_that_expires_and_another_broker_refreshes() {
+async fn a_broker_sigkilled_mid_refresh_leaves_a_lease_that_expires_and_another_broker_refreshes() {
     // The in-process broker (B) and the real binary (A) share everything; both have
-    // BROKER_IDP_TIMEOUT = 2 s, so the refresh lock lives 7 s.
+    // BROKER_IDP_TIMEOUT = 2 s, so the refresh lease lives 7 s.
     let app = spawn_app().await;
     let alice = app.logged_in_browser("alice").await;
     let port = free_port();
@@ -684,25 +688,30 @@ async fn a_broker_sigkilled_mid_refresh_leaves_a_lock_that_expires_and_another_b
                 .await
         })
     };
-    // Wait until A's refresh grant reached the IdP (A holds the session's lock).
-    let mut redis = app.redis.connection().await;
-    let lock = format!("{}lock:{{{}}}", app.redis.prefix, session_hash_hex(&alice));
+    // Wait until A's refresh grant reached the IdP (A holds the session's lease).
+    let pool = app.database.pool().await;
+    let hash = token_broker::domain::SessionId::parse(alice.session().unwrap())
+        .unwrap()
+        .hash()
+        .as_bytes()
+        .to_vec();
+    let lease_until = |pool: sqlx::PgPool, hash: Vec<u8>| async move {
+        let row: (Option<chrono::DateTime<chrono::Utc>>,) =
+            sqlx::query_as("SELECT refresh_lease_until FROM sessions WHERE id_hash = $1")
+                .bind(hash)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        row.0
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let held: bool = redis::cmd("EXISTS")
-            .arg(&lock)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        if held {
-            break;
-        }
-        assert!(Instant::now() < deadline, "A never took the refresh lock");
+    while lease_until(pool.clone(), hash.clone()).await.is_none() {
+        assert!(Instant::now() < deadline, "A never took the refresh lease");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // SIGKILL (kill_on_drop): no chance to release the lock.
+    // SIGKILL (kill_on_drop): no chance to release the lease.
     let killed_at = Instant::now();
     drop(process);
     let answer = in_flight.await.unwrap();
@@ -712,7 +721,7 @@ async fn a_broker_sigkilled_mid_refresh_leaves_a_lock_that_expires_and_another_b
     );
     app.idp.controls().set_token_delay(None);
 
-    // Load on B meanwhile: /session unaffected, /auth waits for the lock (never past its bound).
+    // Load on B meanwhile: /session unaffected, /auth waits for the lease (never past its bound).
     let mut load = Load::new();
     load.hammer(
         url(&app, "/session"),
@@ -729,7 +738,7 @@ async fn a_broker_sigkilled_mid_refresh_leaves_a_lock_that_expires_and_another_b
         Duration::from_secs(9),
     );
 
-    // The next request on B refreshes once the dead holder's lock expired (2 s + 5 s).
+    // The next request on B refreshes once the dead holder's lease expired (2 s + 5 s).
     let response = forward_auth(&app.http, &app.address, &alice).await;
     let waited = killed_at.elapsed();
     assert_eq!(response.status(), 200);
@@ -746,5 +755,11 @@ async fn a_broker_sigkilled_mid_refresh_leaves_a_lock_that_expires_and_another_b
     );
     assert_eq!(stats.refresh_grants_rejected, 0, "{stats:?}");
     assert_eq!(app.get_session(&alice).await.status(), 200);
+    assert_eq!(
+        lease_until(pool.clone(), hash).await,
+        None,
+        "B released its lease"
+    );
+    pool.close().await;
     println!("SIGKILL mid-refresh: B refreshed {waited:?} after the kill");
 }

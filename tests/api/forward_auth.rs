@@ -8,14 +8,6 @@ use token_broker::domain::SessionId;
 
 use crate::helpers::*;
 
-fn bearer(response: &reqwest::Response) -> String {
-    let value = response.headers()["authorization"].to_str().unwrap();
-    value
-        .strip_prefix("Bearer ")
-        .expect("a Bearer token")
-        .to_string()
-}
-
 async fn stored_refresh_token(app: &TestApp, browser: &Browser) -> String {
     let hash = SessionId::parse(browser.session().unwrap()).unwrap().hash();
     let record = app
@@ -281,6 +273,7 @@ async fn a_session_without_a_refresh_token_gets_401_from_forward_auth_once_its_t
 async fn after_redis_loses_everything_the_session_and_its_token_come_back_from_postgresql() {
     let app = spawn_app().await;
     let browser = app.logged_in_browser("alice").await;
+    let before = bearer(&forward_auth(&app.http, &app.address, &browser).await);
     let mut redis = app.redis.connection().await;
     let keys = app.redis.keys().await;
     let _: () = redis::cmd("DEL")
@@ -293,33 +286,37 @@ async fn after_redis_loses_everything_the_session_and_its_token_come_back_from_p
 
     assert_eq!(response.status(), 200);
     assert_eq!(
-        app.idp.stats().refresh_grants,
-        1,
-        "the token was rebuilt by a refresh"
+        bearer(&response),
+        before,
+        "the token came back from PostgreSQL"
     );
+    assert_eq!(app.idp.stats().refresh_grants, 0, "without a refresh");
     assert_eq!(app.get_session(&browser).await.status(), 200);
 }
 
 #[tokio::test]
-async fn a_lock_left_by_a_dead_refresher_expires_and_the_next_request_refreshes() {
+async fn a_lease_left_by_a_dead_refresher_expires_and_the_next_request_refreshes() {
     let app = spawn_app().await;
     let browser = app.logged_in_browser("alice").await;
     expire_cached_token(&app, &browser).await;
-    // A replica took the lock and died: the lock outlives it only until its TTL.
-    let mut redis = app.redis.connection().await;
-    let lock = format!(
-        "{}lock:{{{}}}",
-        app.redis.prefix,
-        session_hash_hex(&browser)
-    );
-    let _: () = redis::cmd("SET")
-        .arg(&lock)
-        .arg("dead-holder")
-        .arg("PX")
-        .arg(1500)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    // A replica took the refresh lease and died: the lease outlives it only until its bound.
+    let pool = app.database.pool().await;
+    let hash = token_broker::domain::SessionId::parse(browser.session().unwrap())
+        .unwrap()
+        .hash()
+        .as_bytes()
+        .to_vec();
+    let leased = sqlx::query(
+        "UPDATE sessions SET refresh_lease = gen_random_uuid(),
+                             refresh_lease_until = now() + interval '1500 milliseconds'
+         WHERE id_hash = $1",
+    )
+    .bind(&hash)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(leased, 1);
 
     let started = Instant::now();
     let response = forward_auth(&app.http, &app.address, &browser).await;
@@ -327,7 +324,103 @@ async fn a_lock_left_by_a_dead_refresher_expires_and_the_next_request_refreshes(
     assert_eq!(response.status(), 200);
     assert!(
         started.elapsed() >= Duration::from_millis(1000),
-        "it waited for the lock"
+        "it waited for the lease"
     );
     assert_eq!(app.idp.stats().refresh_grants, 1);
+    let lease: (Option<uuid::Uuid>,) =
+        sqlx::query_as("SELECT refresh_lease FROM sessions WHERE id_hash = $1")
+            .bind(&hash)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(lease.0, None, "the new holder released its lease");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_refresher_that_outlived_its_lease_stores_nothing_over_the_next_holders_tokens() {
+    use token_broker::store::{LeaseAttempt, RefreshCommit, RefreshedTokens};
+    let app = spawn_app().await;
+    let browser = app.logged_in_browser("alice").await;
+    let hash = SessionId::parse(browser.session().unwrap()).unwrap().hash();
+    let sessions = &app.broker.sessions;
+
+    // A takes the lease (500 ms); B takes it again after it expired.
+    let LeaseAttempt::Taken { lease: a, record } = sessions
+        .try_lease_refresh(&hash, Duration::from_millis(500))
+        .await
+        .unwrap()
+    else {
+        panic!("the lease was free");
+    };
+    assert!(matches!(
+        sessions
+            .try_lease_refresh(&hash, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        LeaseAttempt::Held
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let LeaseAttempt::Taken { lease: b, .. } = sessions
+        .try_lease_refresh(&hash, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("an expired lease can be taken");
+    };
+
+    // A's late commit is refused and stores nothing; B's commit works and frees the lease.
+    let late = token_broker::domain::RefreshToken::new("late-refresh-token");
+    let access = record.access_token.clone().unwrap();
+    let tokens = RefreshedTokens {
+        refresh_token: Some(&late),
+        id_token: &record.id_token,
+        access_token: &access,
+    };
+    assert_eq!(
+        sessions
+            .commit_refresh(record.id, a, &tokens)
+            .await
+            .unwrap(),
+        RefreshCommit::LeaseLost
+    );
+    let stored = sessions.find(&hash).await.unwrap().unwrap();
+    assert_eq!(
+        stored.refresh_token, record.refresh_token,
+        "A stored nothing"
+    );
+    assert_eq!(
+        sessions
+            .commit_refresh(record.id, b, &tokens)
+            .await
+            .unwrap(),
+        RefreshCommit::Committed
+    );
+    assert_eq!(
+        sessions.find(&hash).await.unwrap().unwrap().refresh_token,
+        Some(late.clone())
+    );
+    assert!(matches!(
+        sessions
+            .try_lease_refresh(&hash, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        LeaseAttempt::Taken { .. }
+    ));
+    // A deleted session: no lease, and a commit says so.
+    app.broker.end_session(&hash).await.unwrap();
+    assert!(matches!(
+        sessions
+            .try_lease_refresh(&hash, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        LeaseAttempt::Gone
+    ));
+    assert_eq!(
+        sessions
+            .commit_refresh(record.id, b, &tokens)
+            .await
+            .unwrap(),
+        RefreshCommit::Gone
+    );
 }

@@ -677,7 +677,17 @@ pub fn session_hash_hex(browser: &Browser) -> String {
         .to_hex()
 }
 
-/// Forgets the session's cached access token, as its expiry would.
+/// The token of a forward-auth answer's `Authorization: Bearer` header.
+pub fn bearer(response: &reqwest::Response) -> String {
+    let value = response.headers()["authorization"].to_str().unwrap();
+    value
+        .strip_prefix("Bearer ")
+        .expect("a Bearer token")
+        .to_string()
+}
+
+/// Makes the session's access token due for refresh, as its expiry would: deletes the Redis
+/// cache entry and the copy in the session's PostgreSQL row.
 pub async fn expire_cached_token(app: &TestApp, browser: &Browser) {
     let mut redis = app.redis.connection().await;
     let key = format!("{}at:{{{}}}", app.redis.prefix, session_hash_hex(browser));
@@ -687,6 +697,36 @@ pub async fn expire_cached_token(app: &TestApp, browser: &Browser) {
         .await
         .unwrap();
     assert_eq!(deleted, 1, "{key} was cached");
+    expire_stored_token(app, browser).await;
+}
+
+/// Drops the copy of the session's access token in its PostgreSQL row (where `/auth` reads it
+/// when Redis has none), so that the next use refreshes.
+pub async fn expire_stored_token(app: &TestApp, browser: &Browser) {
+    let hash = token_broker::domain::SessionId::parse(browser.session().expect("a session cookie"))
+        .expect("a well-formed session cookie")
+        .hash();
+    // The database the broker was started with (some tests give it a private server).
+    let url = app
+        .settings
+        .database_url
+        .as_deref()
+        .expect("a DATABASE_URL");
+    let pool = sqlx::PgPool::connect(url)
+        .await
+        .expect("connect to the broker's database");
+    let updated = sqlx::query(
+        "UPDATE sessions SET access_token_sealed = NULL, access_token_expires_at = NULL,
+                             access_token_refresh_at = NULL
+         WHERE id_hash = $1 AND access_token_sealed IS NOT NULL",
+    )
+    .bind(hash.as_bytes())
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    pool.close().await;
+    assert_eq!(updated, 1, "the session's row held its access token");
 }
 
 /// Opens a sealed access-token cache entry (`{prefix}at:{hash}`) and returns the token in it.

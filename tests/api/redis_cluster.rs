@@ -223,14 +223,6 @@ async fn spawn_app_on(redis_url: &str) -> TestApp {
     spawn_app_with(|setup| setup.settings.redis_url = Some(redis_url)).await
 }
 
-fn bearer(response: &reqwest::Response) -> String {
-    let value = response.headers()["authorization"].to_str().unwrap();
-    value
-        .strip_prefix("Bearer ")
-        .expect("a Bearer token")
-        .into()
-}
-
 async fn delete_cached_token(cluster: &TestCluster, app: &TestApp, browser: &Browser) {
     let mut connection = cluster.connection().await;
     let key = format!("{}at:{{{}}}", app.redis.prefix, session_hash_hex(browser));
@@ -240,6 +232,7 @@ async fn delete_cached_token(cluster: &TestCluster, app: &TestApp, browser: &Bro
         .await
         .unwrap();
     assert_eq!(deleted, 1, "{key} was cached");
+    expire_stored_token(app, browser).await;
 }
 
 #[tokio::test]

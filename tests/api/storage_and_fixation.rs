@@ -88,18 +88,27 @@ async fn postgresql_holds_only_the_cookie_hash_and_tokens_sealed_under_the_confi
         .unwrap();
     let id_token = record.id_token.secret().to_string();
     let refresh_token = record.refresh_token.as_ref().unwrap().secret().to_string();
+    let access_token = record
+        .access_token
+        .as_ref()
+        .unwrap()
+        .token
+        .secret()
+        .to_string();
     let pool = app.database.pool().await;
 
     // Act
     let rows = session_rows_as_text(&pool).await;
-    let (id, id_hash, key_id, id_token_sealed, refresh_sealed): (
+    let (id, id_hash, key_id, id_token_sealed, refresh_sealed, access_sealed): (
         uuid::Uuid,
         Vec<u8>,
         String,
         Vec<u8>,
         Vec<u8>,
+        Vec<u8>,
     ) = sqlx::query_as(
-        "SELECT id, id_hash, key_id, id_token_sealed, refresh_token_sealed FROM sessions",
+        "SELECT id, id_hash, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed
+         FROM sessions",
     )
     .fetch_one(&pool)
     .await
@@ -117,6 +126,7 @@ async fn postgresql_holds_only_the_cookie_hash_and_tokens_sealed_under_the_confi
         ("session cookie", cookie.as_str()),
         ("ID token", &id_token),
         ("refresh token", &refresh_token),
+        ("access token", &access_token),
     ];
     assert_absent(&rows[0], &secrets, "the sessions row");
     // The sealed columns open with the configured key, bound to their row and column.
@@ -134,6 +144,7 @@ async fn postgresql_holds_only_the_cookie_hash_and_tokens_sealed_under_the_confi
     };
     assert_eq!(open(id_token_sealed.clone(), "id_token"), id_token);
     assert_eq!(open(refresh_sealed, "refresh_token"), refresh_token);
+    assert_eq!(open(access_sealed, "access_token"), access_token);
     let elsewhere = Sealed {
         key_id: key_id.clone(),
         bytes: id_token_sealed,
