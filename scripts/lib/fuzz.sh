@@ -13,9 +13,11 @@
 # the crate is safe Rust, so AddressSanitizer would find nothing a panic does not, and it doubles
 # build and run time; debug assertions (overflow checks) stay on, as cargo fuzz sets them.
 #
-# scripts/test runs this stage only with --long (the build alone is ~12 CPU-minutes from scratch);
-# its default run feeds the committed seeds to the same entry points in a unit test instead.
-# Time per target: TB_FUZZ_SECONDS, default 300 s with --long (TB_TEST_LONG=1), else 15 s. A short
+# scripts/test runs this stage in CI (CI=true), with --fuzz and with --long (the build alone is ~12
+# CPU-minutes from scratch); a developer's default run feeds the committed seeds to the same entry
+# points in a unit test instead.
+# Time per target: TB_FUZZ_SECONDS, default 300 s with --long (TB_TEST_LONG=1), else 12 s (one
+# minute for the five). A short
 # run by hand: bash -c 'source scripts/lib/services.sh; source scripts/lib/fuzz.sh; ensure_cargo_fuzz; fuzz_stage'
 # Each run starts from the
 # committed seeds (fuzz/corpus/<target>) plus what earlier runs on this machine found
@@ -40,7 +42,7 @@ ensure_cargo_fuzz() {
 
 fuzz_stage() {
   local seconds target status
-  seconds="${TB_FUZZ_SECONDS:-$([[ "${TB_TEST_LONG:-0}" == 1 ]] && echo 300 || echo 15)}"
+  seconds="${TB_FUZZ_SECONDS:-$([[ "${TB_TEST_LONG:-0}" == 1 ]] && echo 300 || echo 12)}"
   # Its own target directory (fuzz/target): other RUSTFLAGS than the main build.
   RUSTC_BOOTSTRAP=1 "$CARGO_FUZZ" build --sanitizer none || return
   for target in "${TB_FUZZ_TARGETS[@]}"; do
