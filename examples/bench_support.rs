@@ -4,16 +4,167 @@
 //!   (the body `/session` returned, so both answers have the same size): the baseline.
 //! - `redis-get ADDR BODY_FILE REDIS_URL`: the same, after one Redis `GET` per request.
 //! - `idp ADDR REDIRECT_URI CLIENT_SECRET`: the development IdP, for the broker's logins.
+//! - `logins BROKER_URL COUNT CONCURRENCY`: COUNT logins (`/login` → the IdP's form →
+//!   `/callback`, each a new browser) from CONCURRENCY workers; prints `logins failed seconds`.
+//! - `seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE`: COUNT live sessions written
+//!   to PostgreSQL as the broker writes them (sealed under the key), their cookies to COOKIE_FILE.
 
+use std::io::Write;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
+use futures_util::{stream, StreamExt};
 use redis::AsyncCommands;
+use reqwest::header::COOKIE;
+use token_broker::crypto::{random_token, Cipher, EncryptionKey};
 use token_broker::dev_idp::{DevIdp, DevIdpOptions};
+use token_broker::domain::{AccessToken, IdToken, RefreshToken, SessionId, UserClaims};
+use token_broker::store::postgres::PgSessionRepository;
+use token_broker::store::{CachedAccessToken, SessionRecord, SessionRepository};
+
+#[path = "common/http.rs"]
+mod http;
+use http::{cookie, location};
 
 fn usage() -> ! {
     eprintln!("usage: bench_support bare ADDR BODY_FILE | redis-get ADDR BODY_FILE REDIS_URL | idp ADDR REDIRECT_URI CLIENT_SECRET");
+    eprintln!("       | logins BROKER_URL COUNT CONCURRENCY | seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE");
     std::process::exit(2)
+}
+
+/// One login as a new browser: the session cookie, or what went wrong.
+async fn login(http: &reqwest::Client, broker: &str, username: &str) -> Result<String, String> {
+    let response = http
+        .get(format!("{broker}/login?return_to=/"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let binding = cookie(response.headers(), "login-binding").ok_or("no login-binding cookie")?;
+    let authorize = location(response.headers());
+    let (endpoint, query) = authorize.split_once('?').ok_or("no authorize URL")?;
+    let response = http
+        .post(endpoint)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("{query}&username={username}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let callback = location(response.headers());
+    let response = http
+        .get(callback)
+        .header(COOKIE, format!("login-binding={binding}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    cookie(response.headers(), "session")
+        .ok_or_else(|| format!("no session: {}", location(response.headers())))
+}
+
+async fn logins(broker: String, count: u64, concurrency: usize) -> std::io::Result<()> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(std::io::Error::other)?;
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    stream::iter(0..count)
+        .for_each_concurrent(concurrency, |n| {
+            let (http, broker, failed) = (&http, &broker, failed.clone());
+            async move {
+                if let Err(error) = login(http, broker, &format!("user-{}", n % 1000)).await {
+                    if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("login {n} failed: {error}");
+                    }
+                }
+            }
+        })
+        .await;
+    println!(
+        "{count} {} {:.3}",
+        failed.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn seed_sessions(
+    database_url: String,
+    keys: String,
+    count: usize,
+    cookie_file: String,
+) -> std::io::Result<()> {
+    let keys = keys
+        .split(',')
+        .map(|key| EncryptionKey::from_base64(key.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(std::io::Error::other)?;
+    // Seeding is not what is measured: no wait for the WAL flush of every insert.
+    let options: sqlx::postgres::PgConnectOptions = database_url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map_err(std::io::Error::other)?
+        .options([("synchronous_commit", "off")]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(options)
+        .await
+        .map_err(std::io::Error::other)?;
+    let repository = PgSessionRepository::new(pool, Cipher::new(&keys));
+    let mut cookies = std::io::BufWriter::new(std::fs::File::create(cookie_file)?);
+    // Tokens the size of real ones: an RS256 ID token with a few claims, opaque access and
+    // refresh tokens.
+    let pad = |len: usize| random_token().repeat(len / 43 + 1)[..len].to_string();
+    let now = chrono::Utc::now();
+    let ids: Vec<SessionId> = (0..count).map(|_| SessionId::generate()).collect();
+    for id in &ids {
+        writeln!(cookies, "{}", id.secret())?;
+    }
+    cookies.flush()?;
+    let written = AtomicU64::new(0);
+    stream::iter(ids.iter().enumerate())
+        .for_each_concurrent(32, |(n, id)| {
+            let (repository, pad, written) = (&repository, &pad, &written);
+            async move {
+                let sub = format!("user-{n}");
+                let record = SessionRecord {
+                    id: uuid::Uuid::new_v4(),
+                    id_hash: id.hash(),
+                    user: UserClaims {
+                        sub: sub.clone(),
+                        profile: [
+                            ("name".to_string(), serde_json::json!(format!("User {n}"))),
+                            (
+                                "email".to_string(),
+                                serde_json::json!(format!("{sub}@example.com")),
+                            ),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    },
+                    idp_sid: Some(pad(36)),
+                    id_token: IdToken::new(pad(900)),
+                    refresh_token: Some(RefreshToken::new(pad(64))),
+                    access_token: Some(CachedAccessToken {
+                        token: AccessToken::new(pad(64)),
+                        expires_at: now + chrono::Duration::hours(1),
+                        refresh_at: now + chrono::Duration::minutes(59),
+                    }),
+                    created_at: now,
+                    last_seen_at: now,
+                    expires_at: now + chrono::Duration::hours(12),
+                };
+                repository.insert(&record).await.expect("insert a session");
+                let done = written.fetch_add(1, Ordering::Relaxed) + 1;
+                if done % 100_000 == 0 {
+                    eprintln!("seeded {done} sessions");
+                }
+            }
+        })
+        .await;
+    Ok(())
 }
 
 #[actix_web::main]
@@ -70,6 +221,15 @@ async fn main() -> std::io::Result<()> {
                 },
             );
             idp.serve(listener)?.await
+        }
+        "logins" => {
+            let count = arg(2).parse().unwrap_or_else(|_| usage());
+            let concurrency = arg(3).parse().unwrap_or_else(|_| usage());
+            logins(arg(1).trim_end_matches('/').to_string(), count, concurrency).await
+        }
+        "seed-sessions" => {
+            let count = arg(3).parse().unwrap_or_else(|_| usage());
+            seed_sessions(arg(1), arg(2), count, arg(4)).await
         }
         _ => usage(),
     }

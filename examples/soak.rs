@@ -20,9 +20,13 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, ACCEPT, COOKIE, LOCATION, ORIGIN, SET_COOKIE};
+use reqwest::header::{ACCEPT, COOKIE, ORIGIN};
 use reqwest::redirect::Policy;
 use token_broker::dev_idp::{DevIdp, DevIdpOptions};
+
+#[path = "common/http.rs"]
+mod http;
+use http::{cookie, location};
 
 /// `/session` + `/auth` pairs per logged-in iteration.
 const ROUNDS: u32 = 100;
@@ -53,25 +57,6 @@ fn record(counts: &Shared, what: &str, status: u16, expected: u16) -> bool {
             .or_default() += 1;
     }
     status == expected
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .filter_map(|value| value.split(';').next())
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(key, value)| *key == name && !value.is_empty())
-        .map(|(_, value)| value.to_string())
-}
-
-fn location(headers: &HeaderMap) -> String {
-    headers
-        .get(LOCATION)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
 }
 
 struct User {
