@@ -120,7 +120,7 @@ impl Broker {
     }
 
     /// A fresh access token other than `stale`, which an upstream refused (the relay's retry
-    /// after `invalid_token`): a refresh, through the same single-flight lock, unless another
+    /// after `invalid_token`): a refresh, through the same single-flight lease, unless another
     /// request already replaced `stale`.
     #[tracing::instrument(skip_all)]
     pub async fn replace_access_token(

@@ -601,7 +601,7 @@ async fn a_slow_token_endpoint_under_load_leaves_sessions_alone_and_fails_logins
     expire_cached_token(&app, &bob).await;
 
     // alice: /session and /auth from the cache, unaffected. bob: /auth needs a refresh, which
-    // times out (503); his concurrent requests wait on the refresh lock at most its bound
+    // times out (503); his concurrent requests wait on the refresh lease at most its bound
     // (BROKER_IDP_TIMEOUT + 5 s + 1 s).
     let mut load = Load::new();
     let fast = Duration::from_secs(1);
@@ -619,7 +619,7 @@ async fn a_slow_token_endpoint_under_load_leaves_sessions_alone_and_fails_logins
         bob.cookie_header(),
         2,
         &[503],
-        // The lock bound (2 s + 5 s + 1 s), and some slack for a busy machine.
+        // The lease bound (2 s + 5 s + 1 s), and some slack for a busy machine.
         Duration::from_secs(10),
     );
 
@@ -690,11 +690,7 @@ async fn a_broker_sigkilled_mid_refresh_leaves_a_lease_that_expires_and_another_
     };
     // Wait until A's refresh grant reached the IdP (A holds the session's lease).
     let pool = app.database.pool().await;
-    let hash = token_broker::domain::SessionId::parse(alice.session().unwrap())
-        .unwrap()
-        .hash()
-        .as_bytes()
-        .to_vec();
+    let hash = session_hash(&alice).as_bytes().to_vec();
     let lease_until = |pool: sqlx::PgPool, hash: Vec<u8>| async move {
         let row: (Option<chrono::DateTime<chrono::Utc>>,) =
             sqlx::query_as("SELECT refresh_lease_until FROM sessions WHERE id_hash = $1")

@@ -301,11 +301,7 @@ async fn a_lease_left_by_a_dead_refresher_expires_and_the_next_request_refreshes
     expire_cached_token(&app, &browser).await;
     // A replica took the refresh lease and died: the lease outlives it only until its bound.
     let pool = app.database.pool().await;
-    let hash = token_broker::domain::SessionId::parse(browser.session().unwrap())
-        .unwrap()
-        .hash()
-        .as_bytes()
-        .to_vec();
+    let hash = session_hash(&browser).as_bytes().to_vec();
     let leased = sqlx::query(
         "UPDATE sessions SET refresh_lease = gen_random_uuid(),
                              refresh_lease_until = now() + interval '1500 milliseconds'

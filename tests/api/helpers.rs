@@ -670,11 +670,15 @@ pub async fn forward_auth(
 }
 
 /// The hex SHA-256 of the browser's session ID, as the stores key it.
-pub fn session_hash_hex(browser: &Browser) -> String {
+/// The SHA-256 of the browser's session cookie: the key of its Redis entries and PostgreSQL row.
+pub fn session_hash(browser: &Browser) -> token_broker::domain::SessionIdHash {
     token_broker::domain::SessionId::parse(browser.session().expect("a session cookie"))
         .expect("a well-formed session cookie")
         .hash()
-        .to_hex()
+}
+
+pub fn session_hash_hex(browser: &Browser) -> String {
+    session_hash(browser).to_hex()
 }
 
 /// The token of a forward-auth answer's `Authorization: Bearer` header.
@@ -703,9 +707,7 @@ pub async fn expire_cached_token(app: &TestApp, browser: &Browser) {
 /// Drops the copy of the session's access token in its PostgreSQL row (where `/auth` reads it
 /// when Redis has none), so that the next use refreshes.
 pub async fn expire_stored_token(app: &TestApp, browser: &Browser) {
-    let hash = token_broker::domain::SessionId::parse(browser.session().expect("a session cookie"))
-        .expect("a well-formed session cookie")
-        .hash();
+    let hash = session_hash(browser);
     // The database the broker was started with (some tests give it a private server).
     let url = app
         .settings
