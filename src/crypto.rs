@@ -127,6 +127,11 @@ impl Cipher {
         self.keys.first().map(|(id, _)| id.as_str()).unwrap_or("")
     }
 
+    /// Whether `key_id` names a configured key (what was sealed under it can be opened).
+    pub fn has_key(&self, key_id: &str) -> bool {
+        self.keys.iter().any(|(id, _)| id == key_id)
+    }
+
     pub fn seal(&self, plaintext: &[u8], associated_data: &[u8]) -> Sealed {
         let Some((key_id, cipher)) = self.keys.first() else {
             return Sealed {

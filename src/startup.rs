@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::crypto::Cipher;
 use crate::flows::relay::Relay;
 use crate::flows::sweep::{spawn_background_sweep, SweepTask};
+use crate::flows::touch::{spawn_background_flush, TouchFlushTask};
 use crate::flows::Broker;
 use crate::metrics::Metrics;
 use crate::oidc::Provider;
@@ -94,6 +95,8 @@ pub struct Application {
     readiness: web::Data<Readiness>,
     /// The expired-session sweep; dropped (and so stopped) with the application.
     sweep: Option<SweepTask>,
+    /// Writes the queued last-seen times every 200 ms; stopped with the application.
+    touch_flush: TouchFlushTask,
 }
 
 impl Application {
@@ -149,6 +152,7 @@ impl Application {
             sessions: stores.sessions,
             clock,
             metrics,
+            touches: Default::default(),
         });
         let readiness = web::Data::new(Readiness::default());
         let relay = web::Data::new(Relay::new(&broker.config)?);
@@ -176,6 +180,7 @@ impl Application {
         };
         let signals = ShutdownSignals::register().map_err(StartupError::Listen)?;
         let sweep = spawn_background_sweep(broker.clone().into_inner());
+        let touch_flush = spawn_background_flush(broker.clone().into_inner());
         tracing::info!(port, "token-broker listening");
         Ok(Self {
             port,
@@ -184,6 +189,7 @@ impl Application {
             broker,
             readiness,
             sweep,
+            touch_flush,
         })
     }
 
@@ -203,8 +209,8 @@ impl Application {
     /// Serves until SIGTERM or SIGINT: then `/readyz` turns 503 at once; after
     /// `BROKER_SHUTDOWN_DELAY` (still serving, so a load balancer that routes by readiness can
     /// stop first) the listener closes, idle kept-alive connections close, requests in flight
-    /// finish (bounded by the grace period, 25 s), and the future resolves. The background sweep
-    /// stops with the server.
+    /// finish (bounded by the grace period, 25 s), the last-seen times still queued are written,
+    /// and the future resolves. The background sweep stops with the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let readiness = self.readiness.clone();
@@ -226,6 +232,10 @@ impl Application {
         });
         let result = self.server.await;
         drop(sweep);
+        drop(self.touch_flush);
+        if let Err(error) = self.broker.flush_touches().await {
+            tracing::warn!(%error, "could not write the last-seen times at shutdown");
+        }
         result
     }
 }

@@ -5,6 +5,7 @@
 //! - [`login`]: `/login` — PKCE, state, nonce, the pending login and the binding.
 //! - [`callback`]: `/callback` — consume the pending login, check, exchange, verify, create the session.
 //! - [`session`]: `/session` — the hot path, the sliding idle timeout and the absolute lifetime.
+//! - [`touch`]: the last-seen times of used sessions, written to PostgreSQL once a second.
 //! - [`logout`]: `/logout` — end the session everywhere, revoke, build the RP-initiated logout URL.
 //! - [`refresh`]: `/auth` and the relay — the cached access token, or one refresh per session across replicas.
 //! - [`relay`]: `/api/{name}/…` — upstream paths, the headers that cross, the bearer and its one retry.
@@ -17,6 +18,7 @@ pub mod refresh;
 pub mod relay;
 pub mod session;
 pub mod sweep;
+pub mod touch;
 
 use std::fmt;
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub struct Broker {
     pub clock: Arc<dyn Clock>,
     /// Shared with the provider (IdP call durations) and the request log.
     pub metrics: Arc<Metrics>,
+    /// Last-seen times waiting to be written to PostgreSQL.
+    pub touches: touch::TouchQueue,
 }
 
 /// The `login_error` codes a frontend can see (SPEC "Login errors the frontend can see").

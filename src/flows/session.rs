@@ -1,8 +1,9 @@
 //! `/session`: the hot path of every page load, and the session's idle and absolute expiry.
 //!
 //! The common case is one Redis `GET` and nothing else. The idle timeout slides without a write
-//! on every call: `last_seen_at` is moved (in Redis and PostgreSQL) only when it is older than
-//! [`touch_interval`], so a session may end up to that much earlier than its exact idle limit.
+//! on every call: `last_seen_at` is moved only when it is older than [`touch_interval`] (so a
+//! session may end up to that much earlier than its exact idle limit): in the cached view at
+//! once, in PostgreSQL by the replica's touch queue within 200 ms ([`super::touch`]).
 //! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches.
 
 use chrono::{DateTime, Utc};
@@ -95,16 +96,16 @@ impl Broker {
         };
         let (mut session, from_cache) = match cached {
             Some(session) => (session, true),
-            None => match self.sessions.find(hash).await {
-                Ok(Some(record)) => {
+            None => match self.read_session_row(hash, with_token).await {
+                Ok(Some((session, row_token))) => {
                     // Redis has no token (flushed, evicted) or is down: the row's copy serves.
                     if with_token && !matches!(token, Some(Some(_))) {
-                        if let (true, Some(entry)) = (redis_answered, &record.access_token) {
+                        if let (true, Some(entry)) = (redis_answered, &row_token) {
                             self.cache_access_token(hash, entry).await;
                         }
-                        token = Some(record.access_token.clone());
+                        token = Some(row_token);
                     }
-                    (record.view(), false)
+                    (session, false)
                 }
                 Ok(None) => return Ok(None),
                 Err(StoreError::Sealed(error)) => {
@@ -126,23 +127,9 @@ impl Broker {
         let stale = (now - session.last_seen_at).to_std().unwrap_or_default()
             >= touch_interval(self.config.session_idle_timeout);
         if stale {
+            // The cached view gets the time below; PostgreSQL within 200 ms (`touch`).
             session.last_seen_at = now;
-            match self.sessions.touch(session.id, now).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    // Deleted by another replica since the cache was filled.
-                    self.cache.mark_ended(hash).await.ok();
-                    return Ok(None);
-                }
-                // PostgreSQL down, the view from Redis: serve it, and slide the idle timeout in
-                // the cache below; PostgreSQL gets the time at the next touch that works
-                // (README "Failure behaviour": cached sessions carry on without PostgreSQL).
-                Err(error @ StoreError::Postgres(_)) if from_cache => {
-                    self.metrics.store_error(&error);
-                    tracing::warn!(%error, "could not record the last-seen time; serving the cached session");
-                }
-                Err(error) => return Err(error),
-            }
+            self.touches.record(session.id, hash, now);
         }
         if stale || !from_cache {
             if let Err(error) = self
@@ -159,6 +146,27 @@ impl Broker {
             user: session.user,
         };
         Ok(Some((view, token)))
+    }
+
+    /// A cache miss: the session's row. `/session` reads only the view's columns (no token is
+    /// transferred or opened); with `with_token` the whole row, and its access token with it.
+    async fn read_session_row(
+        &self,
+        hash: &SessionIdHash,
+        with_token: bool,
+    ) -> Result<Option<(CachedSession, Option<CachedAccessToken>)>, StoreError> {
+        if !with_token {
+            return Ok(self
+                .sessions
+                .find_view(hash)
+                .await?
+                .map(|view| (view, None)));
+        }
+        Ok(self
+            .sessions
+            .find(hash)
+            .await?
+            .map(|record| (record.view(), record.access_token)))
     }
 }
 

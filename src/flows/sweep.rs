@@ -28,9 +28,13 @@ pub struct SweepReport {
 
 impl Broker {
     /// Deletes every session that ended (idle or absolute) before now, in batches of
-    /// `sweep_batch`, each in a short transaction of its own, and ends their Redis views.
+    /// `sweep_batch`, each in a short transaction of its own, and ends their Redis views. Fails
+    /// without deleting anything when the queued last-seen times cannot be written.
     #[tracing::instrument(skip_all)]
     pub async fn sweep_expired_sessions(&self) -> Result<SweepReport, StoreError> {
+        // This replica's queued last-seen times first: it never deletes a session it just served
+        // (another replica's are at most a flush interval behind).
+        self.flush_touches().await?;
         // The same instants as `current_session`: a session ends when now >= last_seen + idle
         // or now >= expires_at, so no row is deleted that `/session` would still accept.
         let now = self.clock.now();
@@ -171,6 +175,7 @@ mod tests {
             sessions: stores.sessions,
             clock,
             metrics: Default::default(),
+            touches: Default::default(),
         }
     }
 

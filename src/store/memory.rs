@@ -200,12 +200,20 @@ impl SessionRepository for MemoryStore {
         Ok(self.maps().sessions.get(hash).cloned())
     }
 
-    async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn find_view(&self, hash: &SessionIdHash) -> Result<Option<CachedSession>, StoreError> {
+        Ok(self.maps().sessions.get(hash).map(SessionRecord::view))
+    }
+
+    async fn touch_many(&self, touches: &[(Uuid, DateTime<Utc>)]) -> Result<Vec<Uuid>, StoreError> {
         let mut maps = self.maps();
-        let record = maps.sessions.values_mut().find(|record| record.id == id);
-        Ok(record
-            .map(|record| record.last_seen_at = record.last_seen_at.max(last_seen_at))
-            .is_some())
+        let mut gone = Vec::new();
+        for &(id, last_seen_at) in touches {
+            match maps.sessions.values_mut().find(|record| record.id == id) {
+                Some(record) => record.last_seen_at = record.last_seen_at.max(last_seen_at),
+                None => gone.push(id),
+            }
+        }
+        Ok(gone)
     }
 
     async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {

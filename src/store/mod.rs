@@ -156,8 +156,13 @@ pub trait SessionCache: Send + Sync + 'static {
 pub trait SessionRepository: Send + Sync + 'static {
     async fn insert(&self, session: &SessionRecord) -> Result<(), StoreError>;
     async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError>;
-    /// Records use (the sliding idle timeout); returns false when the row is gone.
-    async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// The token-free view of a session (what `/session` needs after a cache miss): no token
+    /// column is read or opened. A row sealed under a key no longer configured is
+    /// [`StoreError::Sealed`], as with [`SessionRepository::find`].
+    async fn find_view(&self, hash: &SessionIdHash) -> Result<Option<CachedSession>, StoreError>;
+    /// Records use (the sliding idle timeout) of many sessions at once, never moving a
+    /// `last_seen_at` backwards; returns the ids whose row is gone.
+    async fn touch_many(&self, touches: &[(Uuid, DateTime<Utc>)]) -> Result<Vec<Uuid>, StoreError>;
     /// Deletes the session; returns the deleted record (its tokens are needed for revocation).
     async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError>;
     /// Takes the session's refresh lease for `ttl` unless someone holds it, and returns the

@@ -15,8 +15,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    CachedAccessToken, LeaseAttempt, RefreshCommit, RefreshedTokens, ResealOutcome, SessionRecord,
-    SessionRepository, SessionSummary, StoreError,
+    CachedAccessToken, CachedSession, LeaseAttempt, RefreshCommit, RefreshedTokens, ResealOutcome,
+    SessionRecord, SessionRepository, SessionSummary, StoreError,
 };
 use crate::crypto::{Cipher, Sealed};
 use crate::domain::{AccessToken, IdToken, RefreshToken, SessionIdHash, UserClaims};
@@ -209,16 +209,51 @@ impl SessionRepository for PgSessionRepository {
         row.map(|row| self.record_from_row(&row)).transpose()
     }
 
-    async fn touch(&self, id: Uuid, last_seen_at: DateTime<Utc>) -> Result<bool, StoreError> {
-        // GREATEST: replicas touching out of order never move last_seen_at backwards.
-        let result = sqlx::query(
-            "UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2) WHERE id = $1",
+    async fn find_view(&self, hash: &SessionIdHash) -> Result<Option<CachedSession>, StoreError> {
+        // Only the view's columns: a cold `/session` neither transfers nor opens the tokens.
+        let row = sqlx::query(
+            "SELECT id, key_id, user_claims, created_at, last_seen_at, expires_at
+             FROM sessions WHERE id_hash = $1",
         )
-        .bind(id)
-        .bind(last_seen_at)
-        .execute(&self.pool)
+        .bind(hash.as_bytes())
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(result.rows_affected() == 1)
+        let Some(row) = row else { return Ok(None) };
+        let key_id: String = row.try_get("key_id")?;
+        if !self.cipher.has_key(&key_id) {
+            return Err(crate::crypto::OpenError::UnknownKey(key_id).into());
+        }
+        let claims: sqlx::types::Json<UserClaims> = row.try_get("user_claims")?;
+        Ok(Some(CachedSession {
+            id: row.try_get("id")?,
+            user: claims.0,
+            created_at: row.try_get("created_at")?,
+            last_seen_at: row.try_get("last_seen_at")?,
+            expires_at: row.try_get("expires_at")?,
+        }))
+    }
+
+    async fn touch_many(&self, touches: &[(Uuid, DateTime<Utc>)]) -> Result<Vec<Uuid>, StoreError> {
+        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = touches.iter().copied().unzip();
+        // The rows are locked in id order (ORDER BY … FOR UPDATE), so replicas flushing
+        // overlapping sets never deadlock; GREATEST: out-of-order times never move it back.
+        let updated: Vec<Uuid> = sqlx::query_scalar(
+            "WITH touched AS (
+                 SELECT s.id, t.last_seen_at
+                 FROM sessions s JOIN unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at) ON s.id = t.id
+                 ORDER BY s.id
+                 FOR UPDATE OF s
+             )
+             UPDATE sessions s SET last_seen_at = GREATEST(s.last_seen_at, touched.last_seen_at)
+             FROM touched WHERE s.id = touched.id
+             RETURNING s.id",
+        )
+        .bind(&ids)
+        .bind(&times)
+        .fetch_all(&self.pool)
+        .await?;
+        let updated: std::collections::HashSet<Uuid> = updated.into_iter().collect();
+        Ok(ids.into_iter().filter(|id| !updated.contains(id)).collect())
     }
 
     #[tracing::instrument(skip_all)]

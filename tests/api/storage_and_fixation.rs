@@ -478,3 +478,159 @@ async fn a_session_ends_at_its_absolute_lifetime_however_active() {
     assert_problem(response, 401).await;
     assert_eq!(app.session_rows().await, 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Last-seen times: written by the replica's touch queue, not by the request (src/flows/touch.rs)
+
+async fn stored_last_seen(app: &TestApp, browser: &Browser) -> Option<chrono::DateTime<Utc>> {
+    let pool = app.database.pool().await;
+    let seen = sqlx::query_scalar("SELECT last_seen_at FROM sessions WHERE id_hash = $1")
+        .bind(session_hash(browser).as_bytes())
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    seen
+}
+
+#[tokio::test]
+async fn a_used_session_has_its_last_seen_time_written_to_postgresql_within_a_flush() {
+    // Arrange: a session last written at login.
+    let clock = manual_clock();
+    let app = spawn_app_with(|s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.clock = Arc::new(clock.clone());
+    })
+    .await;
+    let browser = app.logged_in_browser("alice").await;
+    let at_login = stored_last_seen(&app, &browser).await.unwrap();
+
+    // Act: used past the touch interval (a minute).
+    clock.advance(Duration::minutes(2));
+    let used_at = token_broker::clock::Clock::now(&clock);
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+
+    // Assert: PostgreSQL has the new time within the flush interval (200 ms), with margin.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let seen = stored_last_seen(&app, &browser).await.unwrap();
+        if seen > at_login {
+            assert_eq!(seen.timestamp_micros(), used_at.timestamp_micros());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "last_seen_at stayed {seen}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // And the broker's own queue is empty again.
+    assert!(app.broker.touches.is_empty());
+}
+
+#[tokio::test]
+async fn a_session_deleted_behind_its_cached_view_ends_when_its_touch_finds_the_row_gone() {
+    // Arrange: the row is deleted without a tombstone (a logout while Redis was unreachable
+    // deletes the row, then fails to end the view): only Redis still vouches for the session.
+    let clock = manual_clock();
+    let app = spawn_app_with(|s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.clock = Arc::new(clock.clone());
+    })
+    .await;
+    let browser = app.logged_in_browser("alice").await;
+    let pool = app.database.pool().await;
+    sqlx::query("DELETE FROM sessions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    // Act: the next use past the touch interval is served from the view and queues a touch.
+    clock.advance(Duration::minutes(2));
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+
+    // Assert: the flush (every 200 ms) finds no row and ends the view with a tombstone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while app.get_session(&browser).await.status() != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view outlived its row"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.session_rows().await, 0, "no row came back");
+    let dump = redis_dump(&app).await;
+    assert!(
+        dump.iter()
+            .any(|(key, value)| key.contains("session:") && value == "ended"),
+        "{dump:?}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_flushing_the_same_sessions_at_once_neither_deadlock_nor_move_times_back() {
+    // Arrange: 200 sessions, two repositories on the same database (two replicas).
+    let app = spawn_app().await;
+    let first = app.broker.sessions.clone();
+    let replica = spawn_replica(&app).await;
+    let second = replica.broker.sessions.clone();
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        let id = SessionId::generate();
+        let now = Utc::now();
+        let record = token_broker::store::SessionRecord {
+            id: uuid::Uuid::new_v4(),
+            id_hash: id.hash(),
+            user: token_broker::domain::UserClaims {
+                sub: format!("user-{n}"),
+                profile: Default::default(),
+            },
+            idp_sid: None,
+            id_token: token_broker::domain::IdToken::new("id-token"),
+            refresh_token: None,
+            access_token: None,
+            created_at: now,
+            last_seen_at: now,
+            expires_at: now + Duration::hours(1),
+        };
+        first.insert(&record).await.unwrap();
+        ids.push(record.id);
+    }
+    let later = Utc::now() + Duration::minutes(5);
+
+    // Act: each replica writes all of them, in opposite orders, ten times over, at once; one
+    // of them with an older time.
+    let mut writers = Vec::new();
+    for round in 0..10 {
+        let forward: Vec<_> = ids.iter().map(|id| (*id, later)).collect();
+        let backward: Vec<_> = ids
+            .iter()
+            .rev()
+            .map(|id| (*id, later - Duration::minutes(1)))
+            .collect();
+        let forward_writer = if round % 2 == 0 { &first } else { &second }.clone();
+        let backward_writer = second.clone();
+        writers.push(tokio::spawn(async move {
+            forward_writer.touch_many(&forward).await
+        }));
+        writers.push(tokio::spawn(async move {
+            backward_writer.touch_many(&backward).await
+        }));
+    }
+
+    // Assert: no error (a deadlock is one), no row missing, every time the latest.
+    for writer in writers {
+        let gone = writer.await.unwrap().expect("touch_many failed");
+        assert!(gone.is_empty(), "{gone:?}");
+    }
+    let pool = app.database.pool().await;
+    let times: Vec<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT DISTINCT last_seen_at FROM sessions")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert_eq!(times.len(), 1, "{times:?}");
+    assert_eq!(times[0].timestamp_micros(), later.timestamp_micros());
+}
