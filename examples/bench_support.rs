@@ -8,6 +8,11 @@
 //!   `/callback`, each a new browser) from CONCURRENCY workers; prints `logins failed seconds`.
 //! - `seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE`: COUNT live sessions written
 //!   to PostgreSQL as the broker writes them (sealed under the key), their cookies to COOKIE_FILE.
+//! - `fixed-rate URL COOKIE_FILE RATE SECONDS`: GET URL at RATE requests a second for SECONDS,
+//!   each with a random `session` cookie from COOKIE_FILE, whether or not earlier ones were
+//!   answered (an open loop, as users arrive; wrk's closed loop only sends when one returns).
+//!   Latency counts from when a request was due, so a stall is not hidden by sending less
+//!   during it. Prints `sent non_2xx p50_ms p99_ms max_ms`.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -32,6 +37,7 @@ use http::{cookie, location};
 fn usage() -> ! {
     eprintln!("usage: bench_support bare ADDR BODY_FILE | redis-get ADDR BODY_FILE REDIS_URL | idp ADDR REDIRECT_URI CLIENT_SECRET");
     eprintln!("       | logins BROKER_URL COUNT CONCURRENCY | seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE");
+    eprintln!("       | fixed-rate URL COOKIE_FILE RATE SECONDS");
     std::process::exit(2)
 }
 
@@ -167,6 +173,64 @@ async fn seed_sessions(
     Ok(())
 }
 
+async fn fixed_rate(
+    url: String,
+    cookie_file: String,
+    rate: u32,
+    seconds: u32,
+) -> std::io::Result<()> {
+    use rand::Rng;
+    let cookies: Vec<String> = std::fs::read_to_string(cookie_file)?
+        .lines()
+        .map(|line| format!("session={line}"))
+        .collect();
+    if cookies.is_empty() || rate == 0 {
+        usage();
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(1024)
+        .build()
+        .map_err(std::io::Error::other)?;
+    let every = Duration::from_secs(1) / rate;
+    let total = rate * seconds;
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let due = start + every * n;
+        tokio::time::sleep_until(due).await;
+        let cookie = cookies[rand::thread_rng().gen_range(0..cookies.len())].clone();
+        let request = http.get(&url).header(COOKIE, cookie);
+        requests.spawn(async move {
+            let ok = match request.send().await {
+                Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            (ok, due.elapsed())
+        });
+    }
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut failed = 0;
+    while let Some(outcome) = requests.join_next().await {
+        let (ok, latency) = outcome.map_err(std::io::Error::other)?;
+        failed += u64::from(!ok);
+        latencies.push(latency);
+    }
+    latencies.sort_unstable();
+    let at = |quantile: f64| {
+        let index = ((latencies.len() as f64 * quantile).ceil() as usize).clamp(1, latencies.len());
+        latencies[index - 1].as_secs_f64() * 1000.0
+    };
+    println!(
+        "{} {failed} {:.2} {:.2} {:.2}",
+        latencies.len(),
+        at(0.50),
+        at(0.99),
+        at(1.0)
+    );
+    Ok(())
+}
+
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -233,6 +297,11 @@ async fn main() -> std::io::Result<()> {
         "seed-sessions" => {
             let count = arg(3).parse().unwrap_or_else(|_| usage());
             seed_sessions(arg(1), arg(2), count, arg(4)).await
+        }
+        "fixed-rate" => {
+            let rate = arg(3).parse().unwrap_or_else(|_| usage());
+            let seconds = arg(4).parse().unwrap_or_else(|_| usage());
+            fixed_rate(arg(1), arg(2), rate, seconds).await
         }
         _ => usage(),
     }
