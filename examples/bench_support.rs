@@ -10,9 +10,9 @@
 //!   to PostgreSQL as the broker writes them (sealed under the key), their cookies to COOKIE_FILE.
 //! - `fixed-rate URL COOKIE_FILE RATE SECONDS`: GET URL at RATE requests a second for SECONDS,
 //!   each with a random `session` cookie from COOKIE_FILE, whether or not earlier ones were
-//!   answered (an open loop, as users arrive; wrk's closed loop only sends when one returns).
-//!   Latency counts from when a request was due, so a stall is not hidden by sending less
-//!   during it. Prints `sent non_2xx p50_ms p99_ms max_ms`.
+//!   answered (an open loop, as users arrive; wrk's closed loop only sends when one returns),
+//!   after one second of warm-up. Prints `sent non_2xx p50_ms p99_ms max_ms late_p99_ms`, the
+//!   last being how late the sender itself was (a sender that falls behind would hide latency).
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -193,7 +193,8 @@ async fn fixed_rate(
         .build()
         .map_err(std::io::Error::other)?;
     let every = Duration::from_secs(1) / rate;
-    let total = rate * seconds;
+    // One second of warm-up (connections opened, pools filled) before the measured requests.
+    let (warm_up, total) = (rate, rate * (seconds + 1));
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let mut requests = tokio::task::JoinSet::new();
     for n in 0..total {
@@ -201,32 +202,41 @@ async fn fixed_rate(
         tokio::time::sleep_until(due).await;
         let cookie = cookies[rand::thread_rng().gen_range(0..cookies.len())].clone();
         let request = http.get(&url).header(COOKIE, cookie);
+        let measured = n >= warm_up;
         requests.spawn(async move {
+            // Timed from when it was sent: tokio's timer wakes up to a millisecond after `due`,
+            // which would add up to 1 ms to every figure. How late sends were is reported apart,
+            // so a stalled sender (coordinated omission) shows instead of hiding.
+            let sent = tokio::time::Instant::now();
             let ok = match request.send().await {
                 Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
                 Err(_) => false,
             };
-            (ok, due.elapsed())
+            (measured, ok, sent.elapsed(), sent - due)
         });
     }
-    let mut latencies = Vec::with_capacity(total as usize);
+    let (mut latencies, mut lateness) = (Vec::new(), Vec::new());
     let mut failed = 0;
     while let Some(outcome) = requests.join_next().await {
-        let (ok, latency) = outcome.map_err(std::io::Error::other)?;
-        failed += u64::from(!ok);
-        latencies.push(latency);
+        let (measured, ok, latency, late) = outcome.map_err(std::io::Error::other)?;
+        if measured {
+            failed += u64::from(!ok);
+            latencies.push(latency);
+            lateness.push(late);
+        }
     }
-    latencies.sort_unstable();
-    let at = |quantile: f64| {
-        let index = ((latencies.len() as f64 * quantile).ceil() as usize).clamp(1, latencies.len());
-        latencies[index - 1].as_secs_f64() * 1000.0
+    let quantile = |values: &mut Vec<Duration>, q: f64| {
+        values.sort_unstable();
+        let index = ((values.len() as f64 * q).ceil() as usize).clamp(1, values.len());
+        values[index - 1].as_secs_f64() * 1000.0
     };
     println!(
-        "{} {failed} {:.2} {:.2} {:.2}",
+        "{} {failed} {:.2} {:.2} {:.2} {:.2}",
         latencies.len(),
-        at(0.50),
-        at(0.99),
-        at(1.0)
+        quantile(&mut latencies, 0.50),
+        quantile(&mut latencies, 0.99),
+        quantile(&mut latencies, 1.0),
+        quantile(&mut lateness, 0.99),
     );
     Ok(())
 }
