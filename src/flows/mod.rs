@@ -81,6 +81,16 @@ impl fmt::Display for LoginErrorCode {
     }
 }
 
+/// A background task owned by the application: aborted when this is dropped.
+#[derive(Debug)]
+pub struct BackgroundTask(tokio::task::JoinHandle<()>);
+
+impl Drop for BackgroundTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `std::time::Duration` as chrono's, saturating instead of failing on absurd values.
 pub(crate) fn chrono_duration(duration: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)

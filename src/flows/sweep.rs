@@ -124,19 +124,12 @@ pub fn spawn_background_sweep(broker: Arc<Broker>) -> Option<SweepTask> {
             }
         }
     });
-    Some(SweepTask(handle))
+    Some(super::BackgroundTask(handle))
 }
 
 /// Owns the background sweep; the task is aborted when this is dropped (the server stopped).
 /// An abort mid-batch rolls that batch's transaction back: nothing is half-deleted.
-#[derive(Debug)]
-pub struct SweepTask(tokio::task::JoinHandle<()>);
-
-impl Drop for SweepTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+pub type SweepTask = super::BackgroundTask;
 
 #[cfg(test)]
 mod tests {

@@ -160,18 +160,11 @@ pub fn spawn_background_flush(broker: Arc<Broker>) -> TouchFlushTask {
             }
         }
     });
-    TouchFlushTask(handle)
+    super::BackgroundTask(handle)
 }
 
-/// Owns the flush task; aborted when dropped (the server stopped, after a last flush).
-#[derive(Debug)]
-pub struct TouchFlushTask(tokio::task::JoinHandle<()>);
-
-impl Drop for TouchFlushTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// Owns the flush task; aborted when dropped (the server stopped, before a last flush).
+pub type TouchFlushTask = super::BackgroundTask;
 
 #[cfg(test)]
 mod tests {

@@ -396,15 +396,21 @@ fn manual_clock() -> ManualClock {
     ManualClock::new(Utc::now())
 }
 
+/// A broker on `clock` with a 10-minute idle timeout (so a touch is due after a minute).
+async fn spawn_app_idle_10_minutes(clock: &ManualClock) -> TestApp {
+    let clock = clock.clone();
+    spawn_app_with(move |s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.clock = Arc::new(clock);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_session_idle_longer_than_the_idle_timeout_ends() {
     // Arrange
     let clock = manual_clock();
-    let app = spawn_app_with(|s| {
-        s.settings.session_idle_timeout = Some("10m".into());
-        s.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let app = spawn_app_idle_10_minutes(&clock).await;
     let browser = app.logged_in_browser("alice").await;
     assert_eq!(app.get_session(&browser).await.status(), 200);
 
@@ -421,11 +427,7 @@ async fn a_session_idle_longer_than_the_idle_timeout_ends() {
 async fn activity_within_the_idle_window_slides_it() {
     // Arrange
     let clock = manual_clock();
-    let app = spawn_app_with(|s| {
-        s.settings.session_idle_timeout = Some("10m".into());
-        s.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let app = spawn_app_idle_10_minutes(&clock).await;
     let browser = app.logged_in_browser("alice").await;
 
     // Act: 12 minutes after login, but never 10 without use.
@@ -497,11 +499,7 @@ async fn stored_last_seen(app: &TestApp, browser: &Browser) -> Option<chrono::Da
 async fn a_used_session_has_its_last_seen_time_written_to_postgresql_within_a_flush() {
     // Arrange: a session last written at login.
     let clock = manual_clock();
-    let app = spawn_app_with(|s| {
-        s.settings.session_idle_timeout = Some("10m".into());
-        s.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let app = spawn_app_idle_10_minutes(&clock).await;
     let browser = app.logged_in_browser("alice").await;
     let at_login = stored_last_seen(&app, &browser).await.unwrap();
 
@@ -533,11 +531,7 @@ async fn a_session_deleted_behind_its_cached_view_ends_when_its_touch_finds_the_
     // Arrange: the row is deleted without a tombstone (a logout while Redis was unreachable
     // deletes the row, then fails to end the view): only Redis still vouches for the session.
     let clock = manual_clock();
-    let app = spawn_app_with(|s| {
-        s.settings.session_idle_timeout = Some("10m".into());
-        s.clock = Arc::new(clock.clone());
-    })
-    .await;
+    let app = spawn_app_idle_10_minutes(&clock).await;
     let browser = app.logged_in_browser("alice").await;
     let pool = app.database.pool().await;
     sqlx::query("DELETE FROM sessions")
