@@ -17,8 +17,10 @@
 //! PostgreSQL on a miss.
 //!
 //! `REDIS_URL` may name one server, a cluster or a Sentinel-managed master (`topology`);
-//! `connection::Connection` hides which. `PING` (readiness) goes to every cluster master.
+//! `connection::Connection` hides which; `connection::Connections` keeps one per thread (each
+//! actix worker drives its own). `PING` (readiness) goes to every cluster master.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,7 +36,7 @@ use crate::domain::{SessionIdHash, State};
 mod connection;
 pub mod topology;
 
-use connection::Connection;
+use connection::Connections;
 use topology::RedisTopology;
 
 const ENDED: &str = "ended";
@@ -50,7 +52,7 @@ return 1
 
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: Connection,
+    connections: Arc<Connections>,
     prefix: String,
     cipher: Cipher,
     put_unless_ended: Script,
@@ -63,9 +65,9 @@ impl RedisStore {
         let topology = RedisTopology::parse(url).map_err(|message| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "URL", message))
         })?;
-        let connection = Connection::connect(topology).await?;
+        let connections = Arc::new(Connections::connect(topology).await?);
         Ok(Self {
-            connection,
+            connections,
             prefix: prefix.to_string(),
             cipher,
             put_unless_ended: Script::new(PUT_UNLESS_ENDED),
@@ -145,7 +147,7 @@ impl LoginStore for RedisStore {
         let key = self.login_key(state);
         let json = serde_json::to_vec(login).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
         Ok(())
     }
@@ -153,7 +155,7 @@ impl LoginStore for RedisStore {
     #[tracing::instrument(skip_all)]
     async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError> {
         let key = self.login_key(state);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         // GETDEL: of two concurrent callbacks with the same state, exactly one gets the value.
         let sealed: Option<String> = connection.get_del(&key).await?;
         let Some(sealed) = sealed else {
@@ -177,7 +179,7 @@ impl LoginStore for RedisStore {
 impl SessionCache for RedisStore {
     async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError> {
         let key = self.session_key(hash);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let value: Option<String> = connection.get(&key).await?;
         Ok(self.open_session(&key, value.as_deref()))
     }
@@ -187,7 +189,7 @@ impl SessionCache for RedisStore {
         hash: &SessionIdHash,
     ) -> Result<(CacheLookup, Option<CachedAccessToken>), StoreError> {
         let (session_key, token_key) = (self.session_key(hash), self.access_token_key(hash));
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         // One MGET: both keys carry the session's hash tag, so it is one slot on a cluster too,
         // and the pair is read atomically (`mark_ended` changes both in one MULTI).
         let (session, token): (Option<String>, Option<String>) = redis::cmd("MGET")
@@ -210,7 +212,7 @@ impl SessionCache for RedisStore {
         let key = self.session_key(hash);
         let json = serde_json::to_vec(session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let _: i64 = self
             .put_unless_ended
             .key(&key)
@@ -223,7 +225,7 @@ impl SessionCache for RedisStore {
     }
 
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let _: () = redis::pipe()
             .atomic()
             .pset_ex(self.session_key(hash), ENDED, millis(TOMBSTONE_TTL))
@@ -244,7 +246,7 @@ impl SessionCache for RedisStore {
         let key = self.access_token_key(hash);
         let json = serde_json::to_vec(token).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
         Ok(())
     }
@@ -254,14 +256,14 @@ impl SessionCache for RedisStore {
         hash: &SessionIdHash,
     ) -> Result<Option<CachedAccessToken>, StoreError> {
         let key = self.access_token_key(hash);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let sealed: Option<String> = connection.get(&key).await?;
         Ok(sealed.and_then(|sealed| self.open_access_token(&key, &sealed)))
     }
 
     async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
         let key = self.seen_key(id);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let stored: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(1)
@@ -275,13 +277,13 @@ impl SessionCache for RedisStore {
 
     async fn forget(&self, id: &str) -> Result<(), StoreError> {
         let key = self.seen_key(id);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let _: i64 = connection.del(key).await?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connections.get().await?;
         let _: String = redis::cmd("PING").query_async(&mut connection).await?;
         Ok(())
     }

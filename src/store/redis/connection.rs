@@ -1,5 +1,6 @@
 //! One connection type for the three Redis topologies, so the store's commands and scripts run
-//! unchanged on each: a single server, a Redis Cluster, or a Sentinel-managed master.
+//! unchanged on each: a single server, a Redis Cluster, or a Sentinel-managed master; and one
+//! such connection per thread ([`Connections`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -12,11 +13,51 @@ use redis::{
     Cmd, ConnectionAddr, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, TlsMode, Value,
 };
 
+use thread_local::ThreadLocal;
+use tokio::sync::OnceCell;
+
 use super::topology::RedisTopology;
 
 /// Bounded time-outs everywhere, so a hung Redis turns into an error instead of a hung request.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection per thread that uses Redis, each made on first use on that thread.
+///
+/// An actix worker is a single-threaded runtime. A multiplexed connection is driven by a task on
+/// the runtime that made it, so one shared connection (made at start-up, on the main thread)
+/// made every command of every worker a round trip between threads: the worker queues the
+/// command and wakes the main thread, which writes it, reads the reply and wakes the worker —
+/// two context switches per command, a fifth of the hot path's CPU (`scripts/bench`). With a
+/// connection per worker the command, its reply and the request stay on one thread. The cost is
+/// one connection per worker thread (the number of cores by default) per replica instead of one.
+pub struct Connections {
+    topology: RedisTopology,
+    per_thread: ThreadLocal<OnceCell<Connection>>,
+}
+
+impl Connections {
+    /// Connects on the calling thread, failing fast when Redis does not answer (start-up).
+    pub async fn connect(topology: RedisTopology) -> RedisResult<Self> {
+        let connections = Self {
+            topology,
+            per_thread: ThreadLocal::new(),
+        };
+        connections.get().await?;
+        Ok(connections)
+    }
+
+    /// This thread's connection, made now if it has none. Requests that arrive on the thread
+    /// while it is being made wait for that one attempt; after a failure the next request tries
+    /// again (a broken connection reconnects by itself, see [`manager_config`]).
+    pub async fn get(&self) -> RedisResult<Connection> {
+        self.per_thread
+            .get_or_default()
+            .get_or_try_init(|| Connection::connect(self.topology.clone()))
+            .await
+            .cloned()
+    }
+}
 
 #[derive(Clone)]
 pub enum Connection {
