@@ -151,7 +151,13 @@ async fn operate(config: &Config, operation: Operation) -> Result<String, admin:
 
 /// Runs the command line; the process exit code says how it went.
 pub async fn run() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let code = run_command(Cli::parse()).await;
+    // The log is written by a thread of its own: what is still buffered goes out before exit.
+    telemetry::flush();
+    code
+}
+
+async fn run_command(cli: Cli) -> std::process::ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Openapi => {
             print!("{}", crate::openapi::document_json());

@@ -1,9 +1,11 @@
-//! Logging: JSON lines (default) or human-readable, filtered by `RUST_LOG`.
+//! Logging: JSON lines (default) or human-readable, filtered by `RUST_LOG`, written to stdout in
+//! batches by a thread of their own ([`writer`]).
 //!
 //! Spans are opened with `skip_all` throughout the crate and secrets are redacted types, so no
 //! token, code, verifier, cookie or key can reach a log line.
 
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -14,12 +16,61 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+mod writer;
+
+use writer::LogWriter;
+
+/// The writer behind the global subscriber, kept so that [`flush`] can reach it (the subscriber
+/// is process-global by nature; this is its one companion).
+static LOG_WRITER: OnceLock<LogWriter> = OnceLock::new();
+
 /// Installs the global subscriber; a second call (tests) is a no-op.
 pub fn init(format: LogFormat) {
+    match log_writer() {
+        Some(writer) => install(format, writer.clone()),
+        // No thread for the writer: lines go to stdout from the thread that logs them.
+        None => install(format, std::io::stdout),
+    }
+}
+
+/// Writes every line logged so far (the process is about to exit).
+pub fn flush() {
+    if let Some(writer) = LOG_WRITER.get() {
+        writer.flush();
+    }
+}
+
+/// The process's log writer, started on first use; `None` when its thread cannot be started.
+fn log_writer() -> Option<&'static LogWriter> {
+    if let Some(writer) = LOG_WRITER.get() {
+        return Some(writer);
+    }
+    let writer = LogWriter::spawn(std::io::stdout())?;
+    let mut first = false;
+    let writer = LOG_WRITER.get_or_init(|| {
+        first = true;
+        writer
+    });
+    if first {
+        // A panic's message goes to stderr directly: the lines logged before it must not stay
+        // behind in the writer's buffer.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            flush();
+            previous(info);
+        }));
+    }
+    Some(writer)
+}
+
+fn install<W>(format: LogFormat, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())
