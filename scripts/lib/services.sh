@@ -292,9 +292,11 @@ ensure_psql() {
 # --- gateways (tests/api/gateways.rs runs real nginx and Caddy) -----------------------------------------
 
 # gateway_path NAME: the binary on PATH, or in /usr/sbin (Debian's nginx, not on a user's PATH).
+# Prints where the program is, or nothing (status 0 either way: under `set -e` a failing
+# `VAR=$(gateway_path nginx)` would end the script without a word).
 gateway_path() {
   command -v "$1" 2>/dev/null && return 0
-  [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"
+  if [[ -x "/usr/sbin/$1" ]]; then echo "/usr/sbin/$1"; fi
 }
 
 # The packages' own services (nginx and Caddy both serve port 80) are not left running.
