@@ -6,7 +6,7 @@
 //! that sealed it, and the caller passes associated data (the row or key it belongs to) so that a
 //! ciphertext copied to another row does not open there.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce as AesNonce};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -159,23 +159,30 @@ impl Cipher {
     }
 
     pub fn open(&self, sealed: &Sealed, associated_data: &[u8]) -> Result<Vec<u8>, OpenError> {
+        self.open_in_place(&sealed.key_id, sealed.bytes.clone(), associated_data)
+    }
+
+    /// Opens `bytes` (nonce, then ciphertext and tag) in their own buffer: no copy.
+    fn open_in_place(
+        &self,
+        key_id: &str,
+        mut bytes: Vec<u8>,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
         let (_, cipher) = self
             .keys
             .iter()
-            .find(|(id, _)| *id == sealed.key_id)
-            .ok_or_else(|| OpenError::UnknownKey(sealed.key_id.clone()))?;
-        if sealed.bytes.len() < NONCE_LEN {
-            return Err(OpenError::Corrupt);
-        }
-        let (nonce, ciphertext) = sealed.bytes.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| OpenError::Corrupt)?;
-        let payload = Payload {
-            msg: ciphertext,
-            aad: associated_data,
-        };
+            .find(|(id, _)| id == key_id)
+            .ok_or_else(|| OpenError::UnknownKey(key_id.to_string()))?;
+        let nonce: [u8; NONCE_LEN] = bytes
+            .get(..NONCE_LEN)
+            .and_then(|nonce| nonce.try_into().ok())
+            .ok_or(OpenError::Corrupt)?;
+        bytes.drain(..NONCE_LEN);
         cipher
-            .decrypt(&AesNonce::from(nonce), payload)
-            .map_err(|_| OpenError::Corrupt)
+            .decrypt_in_place(&AesNonce::from(nonce), associated_data, &mut bytes)
+            .map_err(|_| OpenError::Corrupt)?;
+        Ok(bytes)
     }
 
     /// Seals into one printable string, `<key id>.<base64url>`, for Redis values.
@@ -184,18 +191,22 @@ impl Cipher {
         format!("{}.{}", sealed.key_id, URL_SAFE_NO_PAD.encode(sealed.bytes))
     }
 
-    pub fn open_string(&self, text: &str, associated_data: &[u8]) -> Result<Vec<u8>, OpenError> {
-        let (key_id, encoded) = text.split_once('.').ok_or(OpenError::Corrupt)?;
+    /// Opens what [`Cipher::seal_to_string`] made, as text or as the bytes Redis returns.
+    pub fn open_string(
+        &self,
+        text: impl AsRef<[u8]>,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
+        let text = text.as_ref();
+        let dot = text
+            .iter()
+            .position(|&byte| byte == b'.')
+            .ok_or(OpenError::Corrupt)?;
+        let key_id = std::str::from_utf8(&text[..dot]).map_err(|_| OpenError::Corrupt)?;
         let bytes = URL_SAFE_NO_PAD
-            .decode(encoded)
+            .decode(&text[dot + 1..])
             .map_err(|_| OpenError::Corrupt)?;
-        self.open(
-            &Sealed {
-                key_id: key_id.to_string(),
-                bytes,
-            },
-            associated_data,
-        )
+        self.open_in_place(key_id, bytes, associated_data)
     }
 }
 

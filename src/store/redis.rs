@@ -97,10 +97,10 @@ impl RedisStore {
 
 impl RedisStore {
     /// A session cache value as read from `key` (`None`: no such key).
-    fn open_session(&self, key: &str, value: Option<&str>) -> CacheLookup {
+    fn open_session(&self, key: &str, value: Option<&[u8]>) -> CacheLookup {
         let sealed = match value {
             None => return CacheLookup::Unknown,
-            Some(ENDED) => return CacheLookup::Ended,
+            Some(value) if value == ENDED.as_bytes() => return CacheLookup::Ended,
             Some(sealed) => sealed,
         };
         // An entry that does not open (sealed under a key no longer configured) or does not parse
@@ -121,7 +121,7 @@ impl RedisStore {
 
     /// A cached access token as read from `key`. Under a retired key, or unreadable: as if not
     /// cached; a refresh replaces it.
-    fn open_access_token(&self, key: &str, sealed: &str) -> Option<CachedAccessToken> {
+    fn open_access_token(&self, key: &str, sealed: &[u8]) -> Option<CachedAccessToken> {
         self.cipher
             .open_string(sealed, key.as_bytes())
             .map_err(|e| e.to_string())
@@ -180,7 +180,8 @@ impl SessionCache for RedisStore {
     async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError> {
         let key = self.session_key(hash);
         let mut connection = self.connections.get().await?;
-        let value: Option<String> = connection.get(&key).await?;
+        // Bytes, not `String`: the sealed value is ASCII, no need to validate it as UTF-8.
+        let value: Option<Vec<u8>> = connection.get(&key).await?;
         Ok(self.open_session(&key, value.as_deref()))
     }
 
@@ -192,7 +193,7 @@ impl SessionCache for RedisStore {
         let mut connection = self.connections.get().await?;
         // One MGET: both keys carry the session's hash tag, so it is one slot on a cluster too,
         // and the pair is read atomically (`mark_ended` changes both in one MULTI).
-        let (session, token): (Option<String>, Option<String>) = redis::cmd("MGET")
+        let (session, token): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
             .arg(&session_key)
             .arg(&token_key)
             .query_async(&mut connection)
@@ -257,7 +258,7 @@ impl SessionCache for RedisStore {
     ) -> Result<Option<CachedAccessToken>, StoreError> {
         let key = self.access_token_key(hash);
         let mut connection = self.connections.get().await?;
-        let sealed: Option<String> = connection.get(&key).await?;
+        let sealed: Option<Vec<u8>> = connection.get(&key).await?;
         Ok(sealed.and_then(|sealed| self.open_access_token(&key, &sealed)))
     }
 
