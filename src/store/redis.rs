@@ -65,13 +65,19 @@ impl RedisStore {
         let topology = RedisTopology::parse(url).map_err(|message| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "URL", message))
         })?;
-        let connections = Arc::new(Connections::connect(topology).await?);
+        let connections = Connections::connect(topology).await?;
         Ok(Self {
             connections,
             prefix: prefix.to_string(),
             cipher,
             put_unless_ended: Script::new(PUT_UNLESS_ENDED),
         })
+    }
+
+    /// Whether the calling thread has its own Redis connection yet, rather than the start-up
+    /// one (tests: `connection::Connections`).
+    pub fn thread_has_own_connection(&self) -> bool {
+        self.connections.has_own()
     }
 
     fn login_key(&self, state: &State) -> String {
@@ -147,7 +153,7 @@ impl LoginStore for RedisStore {
         let key = self.login_key(state);
         let json = serde_json::to_vec(login).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
         Ok(())
     }
@@ -155,7 +161,7 @@ impl LoginStore for RedisStore {
     #[tracing::instrument(skip_all)]
     async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError> {
         let key = self.login_key(state);
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         // GETDEL: of two concurrent callbacks with the same state, exactly one gets the value.
         let sealed: Option<String> = connection.get_del(&key).await?;
         let Some(sealed) = sealed else {
@@ -179,7 +185,7 @@ impl LoginStore for RedisStore {
 impl SessionCache for RedisStore {
     async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError> {
         let key = self.session_key(hash);
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         // Bytes, not `String`: the sealed value is ASCII, no need to validate it as UTF-8.
         let value: Option<Vec<u8>> = connection.get(&key).await?;
         Ok(self.open_session(&key, value.as_deref()))
@@ -190,7 +196,7 @@ impl SessionCache for RedisStore {
         hash: &SessionIdHash,
     ) -> Result<(CacheLookup, Option<CachedAccessToken>), StoreError> {
         let (session_key, token_key) = (self.session_key(hash), self.access_token_key(hash));
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         // One MGET: both keys carry the session's hash tag, so it is one slot on a cluster too,
         // and the pair is read atomically (`mark_ended` changes both in one MULTI).
         let (session, token): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
@@ -213,7 +219,7 @@ impl SessionCache for RedisStore {
         let key = self.session_key(hash);
         let json = serde_json::to_vec(session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let _: i64 = self
             .put_unless_ended
             .key(&key)
@@ -226,7 +232,7 @@ impl SessionCache for RedisStore {
     }
 
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let _: () = redis::pipe()
             .atomic()
             .pset_ex(self.session_key(hash), ENDED, millis(TOMBSTONE_TTL))
@@ -247,7 +253,7 @@ impl SessionCache for RedisStore {
         let key = self.access_token_key(hash);
         let json = serde_json::to_vec(token).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
         Ok(())
     }
@@ -257,14 +263,14 @@ impl SessionCache for RedisStore {
         hash: &SessionIdHash,
     ) -> Result<Option<CachedAccessToken>, StoreError> {
         let key = self.access_token_key(hash);
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let sealed: Option<Vec<u8>> = connection.get(&key).await?;
         Ok(sealed.and_then(|sealed| self.open_access_token(&key, &sealed)))
     }
 
     async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
         let key = self.seen_key(id);
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let stored: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(1)
@@ -278,13 +284,13 @@ impl SessionCache for RedisStore {
 
     async fn forget(&self, id: &str) -> Result<(), StoreError> {
         let key = self.seen_key(id);
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let _: i64 = connection.del(key).await?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connections.get().await?;
+        let mut connection = self.connections.get();
         let _: String = redis::cmd("PING").query_async(&mut connection).await?;
         Ok(())
     }

@@ -20,6 +20,7 @@ mod openapi;
 mod operations;
 mod origin_and_cors;
 mod redis_cluster;
+mod redis_connections;
 mod relay;
 mod replicas;
 mod secrets_in_logs;

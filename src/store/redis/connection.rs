@@ -2,7 +2,8 @@
 //! unchanged on each: a single server, a Redis Cluster, or a Sentinel-managed master; and one
 //! such connection per thread ([`Connections`]).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -14,7 +15,6 @@ use redis::{
 };
 
 use thread_local::ThreadLocal;
-use tokio::sync::OnceCell;
 
 use super::topology::RedisTopology;
 
@@ -22,7 +22,7 @@ use super::topology::RedisTopology;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A connection per thread that uses Redis, each made on first use on that thread.
+/// A connection per thread that uses Redis, each made in the background on first use.
 ///
 /// An actix worker is a single-threaded runtime. A multiplexed connection is driven by a task on
 /// the runtime that made it, so one shared connection (made at start-up, on the main thread)
@@ -30,32 +30,86 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// command and wakes the main thread, which writes it, reads the reply and wakes the worker —
 /// two context switches per command, a fifth of the hot path's CPU (`scripts/bench`). With a
 /// connection per worker the command, its reply and the request stay on one thread. The cost is
-/// one connection per worker thread (the number of cores by default) per replica instead of one.
+/// one connection per worker thread (the number of cores by default) per replica, plus the one
+/// made at start-up.
+///
+/// No request waits for its thread's connection to be made: until it is, the thread uses the
+/// start-up connection, and a failed attempt is tried again by a later request, in the background
+/// again. So a Redis that hangs while a worker makes its connection costs that worker nothing but
+/// the shared connection's own behaviour (one reconnect attempt at a time, [`manager_config`]).
 pub struct Connections {
     topology: RedisTopology,
-    per_thread: ThreadLocal<OnceCell<Connection>>,
+    /// Made at start-up (proving Redis answers); serves every thread until it has its own.
+    shared: Connection,
+    per_thread: ThreadLocal<Arc<OwnConnection>>,
+}
+
+#[derive(Default)]
+struct OwnConnection {
+    made: OnceLock<Connection>,
+    /// An attempt to make it is under way.
+    connecting: AtomicBool,
+}
+
+/// An attempt under way: when it ends, however it ends (made, failed, or dropped with its
+/// runtime), the next request may start another.
+struct Attempt(Arc<OwnConnection>);
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.0.connecting.store(false, Ordering::Release);
+    }
 }
 
 impl Connections {
-    /// Connects on the calling thread, failing fast when Redis does not answer (start-up).
-    pub async fn connect(topology: RedisTopology) -> RedisResult<Self> {
+    /// Connects, failing fast when Redis does not answer (start-up).
+    pub async fn connect(topology: RedisTopology) -> RedisResult<Arc<Self>> {
+        let shared = Connection::connect(topology.clone()).await?;
         let connections = Self {
             topology,
+            shared: shared.clone(),
             per_thread: ThreadLocal::new(),
         };
-        connections.get().await?;
-        Ok(connections)
+        // The thread that connected (the main thread: background work) drives the shared one.
+        let _ = connections.per_thread.get_or_default().made.set(shared);
+        Ok(Arc::new(connections))
     }
 
-    /// This thread's connection, made now if it has none. Requests that arrive on the thread
-    /// while it is being made wait for that one attempt; after a failure the next request tries
-    /// again (a broken connection reconnects by itself, see [`manager_config`]).
-    pub async fn get(&self) -> RedisResult<Connection> {
+    /// This thread's connection; the start-up one while this thread's is being made (which the
+    /// first call starts, on this thread's runtime).
+    pub fn get(self: &Arc<Self>) -> Connection {
+        let own = self.per_thread.get_or_default();
+        if let Some(connection) = own.made.get() {
+            return connection.clone();
+        }
+        // Outside a runtime (never on the request path) there is nothing to drive one.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.shared.clone();
+        };
+        if !own.connecting.swap(true, Ordering::AcqRel) {
+            let attempt = Attempt(Arc::clone(own));
+            let topology = self.topology.clone();
+            runtime.spawn(async move {
+                match Connection::connect_answering(topology).await {
+                    Ok(connection) => {
+                        let _ = attempt.0.made.set(connection);
+                    }
+                    // Debug: during an outage the requests themselves log the failure.
+                    Err(error) => tracing::debug!(
+                        %error,
+                        "could not open this thread's Redis connection; the shared one serves meanwhile"
+                    ),
+                }
+            });
+        }
+        self.shared.clone()
+    }
+
+    /// Whether the calling thread has its own connection yet (tests).
+    pub fn has_own(&self) -> bool {
         self.per_thread
-            .get_or_default()
-            .get_or_try_init(|| Connection::connect(self.topology.clone()))
-            .await
-            .cloned()
+            .get()
+            .is_some_and(|own| own.made.get().is_some())
     }
 }
 
@@ -68,6 +122,14 @@ pub enum Connection {
 }
 
 impl Connection {
+    /// Connects and sees a `PING` answered: a server that accepts connections but never
+    /// answers (hung) must not become a thread's connection.
+    async fn connect_answering(topology: RedisTopology) -> RedisResult<Self> {
+        let mut connection = Self::connect(topology).await?;
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        Ok(connection)
+    }
+
     /// Connects, failing fast when Redis does not answer.
     pub async fn connect(topology: RedisTopology) -> RedisResult<Self> {
         match topology {

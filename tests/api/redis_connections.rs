@@ -1,0 +1,118 @@
+//! Redis connections per thread (`src/store/redis/connection.rs`): a thread is served by the
+//! start-up connection until its own is made in the background, so no request waits for a
+//! connection to be made, not even when Redis stops answering new connections.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use token_broker::crypto::{Cipher, EncryptionKey};
+use token_broker::store::redis::RedisStore;
+use token_broker::store::SessionCache;
+
+use crate::helpers::TestRedis;
+
+/// A TCP proxy in front of the test's Redis that can stop forwarding new connections: they are
+/// accepted and then left without an answer, as a hung Redis does. Connections already made
+/// keep forwarding.
+struct HangingProxy {
+    url: String,
+    hang_new: Arc<AtomicBool>,
+}
+
+impl HangingProxy {
+    async fn start(redis_url: &str) -> Self {
+        let target = url::Url::parse(redis_url).expect("REDIS_URL is a URL");
+        let upstream = format!(
+            "{}:{}",
+            target.host_str().expect("REDIS_URL has a host"),
+            target.port().unwrap_or(6379)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut url = target.clone();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(listener.local_addr().unwrap().port()))
+            .unwrap();
+        let hang_new = Arc::new(AtomicBool::new(false));
+        let hang = Arc::clone(&hang_new);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if hang.load(Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self {
+            url: url.to_string(),
+            hang_new,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_is_served_at_once_while_its_own_connection_cannot_be_made() {
+    let redis = TestRedis::new();
+    let proxy = HangingProxy::start(&redis.url).await;
+    let cipher = Cipher::new(&[EncryptionKey::generate()]);
+    let store = RedisStore::connect(&proxy.url, &redis.prefix, cipher)
+        .await
+        .expect("connect through the proxy");
+    let hang_new = Arc::clone(&proxy.hang_new);
+
+    // Like an actix worker: a thread with a single-threaded runtime of its own.
+    let worker = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            // Redis stops answering new connections before this thread made its own.
+            hang_new.store(true, Ordering::SeqCst);
+            let started = Instant::now();
+            // Past the 2 s connection time-out: attempts fail and are made again, meanwhile
+            // every command is answered through the start-up connection.
+            while started.elapsed() < Duration::from_secs(3) {
+                let asked = Instant::now();
+                store
+                    .ping()
+                    .await
+                    .expect("answered through the start-up connection");
+                assert!(
+                    asked.elapsed() < Duration::from_millis(500),
+                    "a command waited {:?} for a connection being made",
+                    asked.elapsed()
+                );
+                assert!(!store.thread_has_own_connection());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+
+            // Redis answers again: the thread gets its own connection, and it works.
+            hang_new.store(false, Ordering::SeqCst);
+            let started = Instant::now();
+            while !store.thread_has_own_connection() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no connection of its own 10 s after Redis answered again"
+                );
+                store.ping().await.expect("ping");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            store
+                .ping()
+                .await
+                .expect("ping on the thread's own connection");
+        });
+    });
+    tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .unwrap()
+        .expect("the worker thread's checks passed");
+}
