@@ -259,6 +259,21 @@ mod tests {
         assert_eq!(cipher.open(&sealed, b"row-1"), Err(OpenError::Corrupt));
         assert_eq!(cipher.open_string("nokey", b""), Err(OpenError::Corrupt));
         assert_eq!(cipher.open_string("abc.!!!", b""), Err(OpenError::Corrupt));
+        // As Redis returns them: bytes, which need not be text, nor long enough for a nonce.
+        let key_id = cipher.current_key_id().to_string();
+        assert_eq!(
+            cipher.open_string(b"\xff\xfe.AAAA", b""),
+            Err(OpenError::Corrupt)
+        );
+        assert_eq!(
+            cipher.open_string(format!("{key_id}.AAAAAAA"), b""),
+            Err(OpenError::Corrupt)
+        );
+        assert_eq!(
+            cipher.open_string(format!("{key_id}."), b""),
+            Err(OpenError::Corrupt)
+        );
+        assert!(cipher.open_string(b".", b"").is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! the writer for every line (a group commit) was no better: the wake-up is a system call and a
 //! context switch too. So the writer, woken by the first line after a quiet spell, lets lines
 //! gather for [`GATHER`] (or until [`WRITE_AT`] bytes) and writes them in one call: at most one
-//! wake-up and one write per batch, whatever the load.
+//! wake-up and one write per batch, whatever the load. (tracing-appender's `non_blocking` moves the
+//! writes to a thread too, but hands it one line per message through a channel and writes each
+//! to stdout on its own: the syscall per line stays.)
 //!
 //! What it costs: a line reaches stdout up to [`GATHER`] after it was logged. [`flush`] writes
 //! everything logged so far; the command line calls it before the process exits and the panic
