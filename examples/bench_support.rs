@@ -138,18 +138,12 @@ async fn seed_sessions(
                 let record = SessionRecord {
                     id: uuid::Uuid::new_v4(),
                     id_hash: id.hash(),
-                    user: UserClaims {
-                        sub: sub.clone(),
-                        profile: [
-                            ("name".to_string(), serde_json::json!(format!("User {n}"))),
-                            (
-                                "email".to_string(),
-                                serde_json::json!(format!("{sub}@example.com")),
-                            ),
-                        ]
-                        .into_iter()
-                        .collect(),
-                    },
+                    user: UserClaims::select(
+                        sub.clone(),
+                        serde_json::json!({"name": format!("User {n}"), "email": format!("{sub}@example.com")})
+                            .as_object()
+                            .expect("an object"),
+                    ),
                     idp_sid: Some(pad(36)),
                     id_token: IdToken::new(pad(900)),
                     refresh_token: Some(RefreshToken::new(pad(64))),

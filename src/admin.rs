@@ -287,10 +287,7 @@ mod tests {
             let record = SessionRecord {
                 id: uuid::Uuid::new_v4(),
                 id_hash: id.hash(),
-                user: UserClaims {
-                    sub: sub.into(),
-                    profile: Default::default(),
-                },
+                user: UserClaims::select(sub.into(), &Default::default()),
                 idp_sid: None,
                 id_token: IdToken::new("id"),
                 refresh_token: Some(RefreshToken::new("rt")),

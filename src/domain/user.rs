@@ -1,6 +1,9 @@
 //! The user as the frontend may see them: the subject and a fixed set of profile claims.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 /// Profile claims copied from the ID token into the session; nothing else reaches the browser.
@@ -16,27 +19,40 @@ pub const SELECTED_CLAIMS: &[&str] = &[
 ];
 
 /// `{"sub": …, "name": …, …}` as `/session` returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+///
+/// Kept as the JSON object itself, next to its `sub`: every cached `/session` and `/auth` reads
+/// it from the stored session and `/session` writes it back out unchanged, so it is scanned once
+/// and copied, never built into a map of values and serialised again. The stored form is the
+/// same JSON object as before (replicas of either kind read each other's values).
+#[derive(Clone)]
 pub struct UserClaims {
+    sub: String,
+    /// The whole object, `sub` included; always a JSON object whose `sub` is `self.sub`.
+    json: Box<RawValue>,
+}
+
+/// `{"sub": …, "name": …, …}` as `/session` returns it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = UserClaims)]
+// The document's description of `UserClaims` (the object it holds), and how `select` writes it.
+struct UserClaimsSchema {
     /// The IdP's subject identifier.
-    pub sub: String,
+    sub: String,
     /// Selected profile claims (`name`, `email`, `preferred_username`, …) when the IdP sent them.
     #[serde(flatten)]
     #[schema(value_type = Object)]
-    pub profile: serde_json::Map<String, serde_json::Value>,
+    profile: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Read as one map from which `sub` is taken: the derived `Deserialize` of a `flatten`ed field
-/// buffers every member into serde's intermediate `Content` first, and this is read on every
-/// cached `/session` and `/auth`. The same JSON either way.
-impl<'de> Deserialize<'de> for UserClaims {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let mut profile = serde_json::Map::deserialize(deserializer)?;
-        match profile.remove("sub") {
-            Some(serde_json::Value::String(sub)) => Ok(Self { sub, profile }),
-            Some(_) => Err(serde::de::Error::custom("`sub` is not a string")),
-            None => Err(serde::de::Error::missing_field("sub")),
-        }
+impl utoipa::PartialSchema for UserClaims {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        UserClaimsSchema::schema()
+    }
+}
+
+impl ToSchema for UserClaims {
+    fn name() -> Cow<'static, str> {
+        UserClaimsSchema::name()
     }
 }
 
@@ -51,7 +67,91 @@ impl UserClaims {
                 plain.then(|| (name.to_string(), value.clone()))
             })
             .collect();
-        Self { sub, profile }
+        Self::write(sub, profile)
+    }
+
+    /// The same claims written as [`UserClaims::select`] writes them (compact, `sub` first):
+    /// PostgreSQL's `jsonb` gives an object back with its own spacing and member order, and
+    /// `/session` returns the object as it is held.
+    pub fn normalized(self) -> Self {
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(self.json.get()) {
+            Ok(mut profile) => {
+                profile.remove("sub");
+                Self::write(self.sub, profile)
+            }
+            Err(_) => self,
+        }
+    }
+
+    // serde_json fails only on maps with non-string keys and on a `Serialize` that errors:
+    // neither can occur for strings and a map of JSON values.
+    #[allow(clippy::expect_used)]
+    fn write(sub: String, profile: serde_json::Map<String, serde_json::Value>) -> Self {
+        let object = UserClaimsSchema { sub, profile };
+        let json = serde_json::value::to_raw_value(&object)
+            .expect("a map of JSON values always serialises");
+        Self {
+            sub: object.sub,
+            json,
+        }
+    }
+
+    /// The IdP's subject identifier.
+    pub fn sub(&self) -> &str {
+        &self.sub
+    }
+
+    pub fn into_sub(self) -> String {
+        self.sub
+    }
+
+    /// The claims as the JSON object `/session` returns.
+    pub fn json(&self) -> &str {
+        self.json.get()
+    }
+}
+
+impl std::fmt::Debug for UserClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("UserClaims").field(&self.json.get()).finish()
+    }
+}
+
+impl PartialEq for UserClaims {
+    /// The same claims, written the same way.
+    fn eq(&self, other: &Self) -> bool {
+        self.json.get() == other.json.get()
+    }
+}
+
+impl Serialize for UserClaims {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(serializer)
+    }
+}
+
+/// Only `sub` is read from the object; the other members are skipped, not built.
+#[derive(Deserialize)]
+struct SubOnly<'a> {
+    #[serde(borrow)]
+    sub: Cow<'a, str>,
+}
+
+impl<'de> Deserialize<'de> for UserClaims {
+    /// Only from serde_json (the one format claims are stored in): the object is taken as it is
+    /// written, and must be an object with a string `sub`.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let json = Box::<RawValue>::deserialize(deserializer)?;
+        if !json.get().starts_with('{') {
+            return Err(serde::de::Error::custom(
+                "user claims are not a JSON object",
+            ));
+        }
+        let sub = serde_json::from_str::<SubOnly<'_>>(json.get())
+            .map_err(serde::de::Error::custom)?
+            .sub
+            .into_owned();
+        Ok(Self { sub, json })
     }
 }
 
@@ -72,10 +172,41 @@ mod tests {
         for bad in [
             r#"{"email":"a@example.com"}"#,
             r#"{"sub":7}"#,
+            r#"{"sub":"a","sub":"b"}"#,
             r#"["alice"]"#,
+            r#""alice""#,
+            r#"{"sub":"alice""#,
         ] {
             assert!(serde_json::from_str::<UserClaims>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_stored_object_is_returned_as_it_was_written() {
+        // PostgreSQL's jsonb writes spaces and escapes its own way; the claims go out as read.
+        let stored = r#"{"sub": "al\u0069ce", "email": "a@example.com", "groups": ["x"]}"#;
+        let user: UserClaims = serde_json::from_str(stored).unwrap();
+        assert_eq!(user.sub(), "alice");
+        assert_eq!(user.json(), stored);
+        #[derive(Serialize)]
+        struct Wrapper<'a> {
+            user: &'a UserClaims,
+        }
+        let written = serde_json::to_string(&Wrapper { user: &user }).unwrap();
+        assert_eq!(written, format!(r#"{{"user":{stored}}}"#));
+        let back: serde_json::Value = serde_json::from_str(&written).unwrap();
+        assert_eq!(back["user"]["sub"], "alice");
+        // Read back from PostgreSQL, it is written again as the broker writes it.
+        let selected = UserClaims::select(
+            "alice".into(),
+            serde_json::json!({"email": "a@example.com"})
+                .as_object()
+                .unwrap(),
+        );
+        let from_jsonb: UserClaims =
+            serde_json::from_str(r#"{"sub": "alice", "email": "a@example.com"}"#).unwrap();
+        assert_ne!(from_jsonb, selected);
+        assert_eq!(from_jsonb.normalized(), selected);
     }
 
     #[test]
@@ -90,5 +221,6 @@ mod tests {
             json,
             serde_json::json!({"sub": "alice", "email": "a@example.com", "email_verified": true})
         );
+        assert_eq!(user.sub(), "alice");
     }
 }

@@ -152,7 +152,7 @@ impl Broker {
         };
         Ok(ForwardedToken {
             access_token,
-            subject: session.user.sub,
+            subject: session.user.into_sub(),
         })
     }
 
@@ -314,7 +314,7 @@ impl Broker {
             access_token: Some(&tokens.access_token),
         };
         match self.provider.verify_id_token(new, expect).await {
-            Ok(claims) if claims.sub == record.user.sub => new.clone(),
+            Ok(claims) if claims.sub == record.user.sub() => new.clone(),
             Ok(_) => {
                 tracing::warn!(session = %record.id, "refreshed ID token names another subject; kept the old one");
                 record.id_token.clone()

@@ -179,10 +179,7 @@ mod tests {
         let record = SessionRecord {
             id: uuid::Uuid::new_v4(),
             id_hash: id.hash(),
-            user: UserClaims {
-                sub: "alice".into(),
-                profile: Default::default(),
-            },
+            user: UserClaims::select("alice".into(), &Default::default()),
             idp_sid: None,
             id_token: IdToken::new("id-token"),
             refresh_token: None,

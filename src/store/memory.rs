@@ -288,12 +288,12 @@ impl SessionRepository for MemoryStore {
         sub: Option<&str>,
     ) -> Result<Vec<SessionIdHash>, StoreError> {
         Ok(self.remove_where(|record| {
-            record.idp_sid.as_deref() == Some(sid) && sub.is_none_or(|sub| record.user.sub == sub)
+            record.idp_sid.as_deref() == Some(sid) && sub.is_none_or(|sub| record.user.sub() == sub)
         }))
     }
 
     async fn delete_by_subject(&self, sub: &str) -> Result<Vec<SessionIdHash>, StoreError> {
-        Ok(self.remove_where(|record| record.user.sub == sub))
+        Ok(self.remove_where(|record| record.user.sub() == sub))
     }
 
     async fn list_by_subject(&self, sub: &str) -> Result<Vec<SessionSummary>, StoreError> {
@@ -301,10 +301,10 @@ impl SessionRepository for MemoryStore {
             .maps()
             .sessions
             .values()
-            .filter(|record| record.user.sub == sub)
+            .filter(|record| record.user.sub() == sub)
             .map(|record| SessionSummary {
                 id: record.id,
-                subject: record.user.sub.clone(),
+                subject: record.user.sub().to_string(),
                 idp_sid: record.idp_sid.clone(),
                 created_at: record.created_at,
                 last_seen_at: record.last_seen_at,

@@ -118,7 +118,7 @@ impl PgSessionRepository {
         Ok(SessionRecord {
             id,
             id_hash: SessionIdHash(hash),
-            user: claims.0,
+            user: claims.0.normalized(),
             idp_sid: row.try_get("idp_sid")?,
             id_token: IdToken::new(id_token),
             refresh_token: refresh_token.map(RefreshToken::new),
@@ -190,7 +190,7 @@ impl SessionRepository for PgSessionRepository {
         sealed
             .bind(query)
             .bind(session.id_hash.as_bytes())
-            .bind(&session.user.sub)
+            .bind(session.user.sub())
             .bind(&session.idp_sid)
             .bind(sqlx::types::Json(&session.user))
             .bind(session.created_at)
@@ -226,7 +226,7 @@ impl SessionRepository for PgSessionRepository {
         let claims: sqlx::types::Json<UserClaims> = row.try_get("user_claims")?;
         Ok(Some(CachedSession {
             id: row.try_get("id")?,
-            user: claims.0,
+            user: claims.0.normalized(),
             created_at: row.try_get("created_at")?,
             last_seen_at: row.try_get("last_seen_at")?,
             expires_at: row.try_get("expires_at")?,

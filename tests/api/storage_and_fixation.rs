@@ -576,10 +576,10 @@ async fn replicas_flushing_the_same_sessions_at_once_neither_deadlock_nor_move_t
         let record = token_broker::store::SessionRecord {
             id: uuid::Uuid::new_v4(),
             id_hash: id.hash(),
-            user: token_broker::domain::UserClaims {
-                sub: format!("user-{n}"),
-                profile: Default::default(),
-            },
+            user: token_broker::domain::UserClaims::select(
+                format!("user-{n}"),
+                &Default::default(),
+            ),
             idp_sid: None,
             id_token: token_broker::domain::IdToken::new("id-token"),
             refresh_token: None,
