@@ -41,6 +41,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod oidc;
 pub mod openapi;
+pub mod rfc3339;
 pub mod routes;
 pub mod startup;
 pub mod store;

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
@@ -73,7 +74,7 @@ where
         .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
-            .fmt_fields(JsonFields::new())
+            .fmt_fields(JsonMembers)
             .event_format(JsonLines)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
@@ -102,8 +103,11 @@ where
         let metadata = event.metadata();
         let mut line = String::with_capacity(256);
         line.push_str("{\"timestamp\":\"");
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        line.push_str(&now);
+        crate::rfc3339::push(
+            &mut line,
+            &chrono::Utc::now(),
+            chrono::SecondsFormat::Micros,
+        );
         write!(line, "\",\"level\":\"{}\"", metadata.level())?;
         let mut fields = JsonObject {
             line,
@@ -123,23 +127,12 @@ where
             log_target.as_deref().unwrap_or(metadata.target()),
         );
         if let Some(span) = ctx.lookup_current() {
-            line.push_str(",\"span\":{");
-            let extensions = span.extensions();
-            // The span's fields as `JsonFields` stored them: a JSON object, `{}` when empty.
-            let stored = extensions
-                .get::<FormattedFields<N>>()
-                .map(|fields| fields.fields.as_str())
-                .unwrap_or("");
-            let inner = stored
-                .strip_prefix('{')
-                .and_then(|rest| rest.strip_suffix('}'))
-                .unwrap_or("");
-            if !inner.is_empty() {
-                line.push_str(inner);
-                line.push(',');
-            }
-            line.push_str("\"name\":");
+            line.push_str(",\"span\":{\"name\":");
             push_json_str(&mut line, span.name());
+            // The span's fields as `JsonMembers` stored them: `,"name":value` each.
+            if let Some(fields) = span.extensions().get::<FormattedFields<N>>() {
+                line.push_str(fields);
+            }
             line.push('}');
         }
         line.push('}');
@@ -148,7 +141,38 @@ where
     }
 }
 
-/// Appends `"name":value` members to a JSON object being written.
+/// A span's fields as JSON object members, `,"name":value` each, stored with the span (when it
+/// is made, and as fields are recorded later) for [`JsonLines`] to copy into every line inside it.
+/// Written straight into the stored string, like the lines themselves: tracing-subscriber's
+/// `JsonFields` goes through a `serde_json` map and serializer for every request's span.
+struct JsonMembers;
+
+impl<'writer> FormatFields<'writer> for JsonMembers {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut members = JsonObject {
+            line: String::new(),
+            scratch: String::new(),
+            log_target: None,
+        };
+        fields.record(&mut members);
+        writer.write_str(&members.line)
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        // Members are appended as they come, each with its own leading comma.
+        self.format_fields(current.as_writer(), fields)
+    }
+}
+
+/// Appends `,"name":value` members to a JSON object being written.
 struct JsonObject {
     line: String,
     scratch: String,
@@ -220,23 +244,34 @@ impl Visit for JsonObject {
 
 /// Appends `value` as a JSON string (RFC 8259 §7 escaping).
 fn push_json_str(line: &mut String, value: &str) {
+    /// The bytes a JSON string cannot hold as they are: controls, `"` and `\`.
+    const ESCAPED: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut byte = 0;
+        while byte < 0x20 {
+            table[byte] = true;
+            byte += 1;
+        }
+        table[b'"' as usize] = true;
+        table[b'\\' as usize] = true;
+        table
+    };
     line.push('"');
     let mut start = 0;
     for (index, byte) in value.bytes().enumerate() {
-        let escape = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
+        if !ESCAPED[usize::from(byte)] {
+            continue;
+        }
         line.push_str(&value[start..index]);
-        if escape.is_empty() {
-            let _ = write!(line, "\\u{byte:04x}");
-        } else {
-            line.push_str(escape);
+        match byte {
+            b'"' => line.push_str("\\\""),
+            b'\\' => line.push_str("\\\\"),
+            b'\n' => line.push_str("\\n"),
+            b'\r' => line.push_str("\\r"),
+            b'\t' => line.push_str("\\t"),
+            _ => {
+                let _ = write!(line, "\\u{byte:04x}");
+            }
         }
         start = index + 1;
     }
@@ -283,11 +318,13 @@ mod tests {
         let buffer = Buffer::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(buffer.clone())
-            .fmt_fields(JsonFields::new())
+            .fmt_fields(JsonMembers)
             .event_format(JsonLines)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("request", request_id = "r-1");
+            let span =
+                tracing::info_span!("request", request_id = "r-1", later = tracing::field::Empty);
+            span.record("later", "a \"quoted\" value");
             span.in_scope(|| {
                 tracing::info!(
                     status = 200u16,
@@ -296,6 +333,7 @@ mod tests {
                     "request \"done\""
                 )
             });
+            tracing::info_span!("quiet").in_scope(|| tracing::info!("no fields"));
             tracing::warn!(ok = true, "outside");
         });
 
@@ -304,7 +342,7 @@ mod tests {
             .lines()
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
         assert_eq!(lines[0]["level"], "INFO");
         assert_eq!(lines[0]["message"], "request \"done\"");
         assert_eq!(lines[0]["status"], 200);
@@ -312,10 +350,12 @@ mod tests {
         assert_eq!(lines[0]["route"], "/x");
         assert_eq!(lines[0]["span"]["request_id"], "r-1");
         assert_eq!(lines[0]["span"]["name"], "request");
+        assert_eq!(lines[0]["span"]["later"], "a \"quoted\" value");
+        assert_eq!(lines[1]["span"], serde_json::json!({"name": "quiet"}));
         assert!(lines[0]["timestamp"].as_str().unwrap().ends_with('Z'));
-        assert_eq!(lines[1]["level"], "WARN");
-        assert_eq!(lines[1]["ok"], true);
-        assert!(lines[1].get("span").is_none());
-        assert_eq!(lines[1]["target"], module_path!());
+        assert_eq!(lines[2]["level"], "WARN");
+        assert_eq!(lines[2]["ok"], true);
+        assert!(lines[2].get("span").is_none());
+        assert_eq!(lines[2]["target"], module_path!());
     }
 }

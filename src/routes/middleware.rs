@@ -33,8 +33,11 @@ fn request_id(headers: &HeaderMap) -> String {
         .map(str::to_string)
         // A random (v4) UUID from the thread's CSPRNG: unique without a system call per request.
         .unwrap_or_else(|| {
+            let mut text = uuid::Uuid::encode_buffer();
             uuid::Builder::from_random_bytes(rand::random())
                 .into_uuid()
+                .hyphenated()
+                .encode_lower(&mut text)
                 .to_string()
         })
 }

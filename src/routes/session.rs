@@ -17,6 +17,7 @@ pub struct SessionResponse {
     pub authenticated: bool,
     pub user: UserClaims,
     /// When the session ends unless used again (idle or absolute limit, whichever is first).
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
 }
 

@@ -11,7 +11,6 @@
 pub mod memory;
 pub mod postgres;
 pub mod redis;
-mod rfc3339;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -82,12 +81,12 @@ impl SessionRecord {
 pub struct CachedSession {
     pub id: Uuid,
     pub user: UserClaims,
-    #[serde(deserialize_with = "rfc3339::deserialize")]
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub created_at: DateTime<Utc>,
-    #[serde(deserialize_with = "rfc3339::deserialize")]
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub last_seen_at: DateTime<Utc>,
     /// The absolute end (`created_at + BROKER_SESSION_MAX_LIFETIME`).
-    #[serde(deserialize_with = "rfc3339::deserialize")]
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub expires_at: DateTime<Utc>,
 }
 
@@ -269,11 +268,11 @@ impl ResealOutcome {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedAccessToken {
     pub token: AccessToken,
-    #[serde(deserialize_with = "rfc3339::deserialize")]
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub expires_at: DateTime<Utc>,
     /// From this moment the token is refreshed before use (30 s before expiry, or half its
     /// lifetime for tokens that live less than a minute).
-    #[serde(deserialize_with = "rfc3339::deserialize")]
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub refresh_at: DateTime<Utc>,
 }
 
