@@ -51,13 +51,18 @@ pub struct SessionIdHash(pub [u8; 32]);
 impl SessionIdHash {
     /// Lowercase hex. Built by hand: it names the Redis keys of every request.
     pub fn to_hex(&self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut hex = String::with_capacity(64);
-        for byte in self.0 {
-            hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
-            hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-        }
+        self.push_hex(&mut hex);
         hex
+    }
+
+    /// Appends [`SessionIdHash::to_hex`] to `out`.
+    pub fn push_hex(&self, out: &mut String) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for byte in self.0 {
+            out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+        }
     }
 
     pub fn as_bytes(&self) -> &[u8] {

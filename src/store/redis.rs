@@ -85,11 +85,22 @@ impl RedisStore {
     }
 
     fn session_key(&self, hash: &SessionIdHash) -> String {
-        format!("{}session:{{{}}}", self.prefix, hash.to_hex())
+        self.hash_key("session:", hash)
     }
 
     fn access_token_key(&self, hash: &SessionIdHash) -> String {
-        format!("{}at:{{{}}}", self.prefix, hash.to_hex())
+        self.hash_key("at:", hash)
+    }
+
+    /// `{prefix}{kind}{<hash>}`, built without `format!`: two of these name every request's keys.
+    fn hash_key(&self, kind: &str, hash: &SessionIdHash) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + kind.len() + 66);
+        key.push_str(&self.prefix);
+        key.push_str(kind);
+        key.push('{');
+        hash.push_hex(&mut key);
+        key.push('}');
+        key
     }
 
     fn seen_key(&self, id: &str) -> String {
