@@ -109,6 +109,50 @@ async fn three_migrate_processes_started_together_all_succeed_and_migrate_once()
 }
 
 #[tokio::test]
+async fn a_last_seen_write_to_a_full_sized_session_row_is_a_hot_update() {
+    // Arrange: rows the size of real ones (~1.6 KB, sealed tokens most of it), in a table with
+    // the migrations applied.
+    let database = TestDatabase::create().await;
+    let migrated = run(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).await;
+    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+    let pool = database.pool().await;
+    let mut transaction = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
+                               refresh_token_sealed, access_token_sealed, created_at, last_seen_at, expires_at)
+         SELECT gen_random_uuid(), sha256(n::text::bytea), 'user-' || n, '{\"sub\": \"x\"}', 'k1',
+                decode(repeat(md5(n::text), 40), 'hex'), decode(repeat(md5(n::text), 20), 'hex'),
+                decode(repeat(md5(n::text), 30), 'hex'), now(), now(), now() + interval '1 day'
+         FROM generate_series(1, 100) AS n",
+    )
+    .execute(&mut *transaction)
+    .await
+    .unwrap();
+
+    // Act: the touch queue's write, for rows far enough apart to be in different pages.
+    let updated = sqlx::query(
+        "UPDATE sessions SET last_seen_at = now() + interval '1 minute'
+         WHERE subject IN (SELECT 'user-' || n FROM generate_series(8, 100, 8) AS n)",
+    )
+    .execute(&mut *transaction)
+    .await
+    .unwrap()
+    .rows_affected();
+
+    // Assert: every one stayed in its page (HOT: no new index entries). At fillfactor 100 a page
+    // of such rows has no room for a second version, and none would be.
+    let (updates, hot): (i64, i64) = sqlx::query_as(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'sessions'",
+    )
+    .fetch_one(&mut *transaction)
+    .await
+    .unwrap();
+    assert_eq!((updated, updates, hot), (12, 12, 12));
+    transaction.rollback().await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
 async fn three_serve_processes_starting_together_on_a_fresh_database_all_come_up() {
     // Arrange: an issuer nobody answers at; start-up does not need the IdP.
     let database = TestDatabase::create().await;
