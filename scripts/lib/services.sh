@@ -139,8 +139,12 @@ run_as() {
   fi
 }
 
+# start_throwaway_postgres BINDIR [SERVER_OPTIONS]: initdb + pg_ctl start on a free port; sets
+# DATABASE_URL. Without SERVER_OPTIONS the server is disposable and fast (fsync off); scripts/bench
+# passes durable settings of its own.
 start_throwaway_postgres() {
   local bindir="$1" user port dir
+  local options="${2:--c fsync=off -c synchronous_commit=off -c full_page_writes=off}"
   user="$(pg_user)"
   port="$(free_port)"
   tb_tmpdir
@@ -150,9 +154,9 @@ start_throwaway_postgres() {
   chown "$user" "$dir"
   run_as "$user" "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >"$TB_TMP/initdb.log" 2>&1 ||
     die "initdb failed; see $(cat "$TB_TMP/initdb.log")"
-  # fsync off and a socket in the data dir: a disposable server that needs no system directories.
+  # A socket in the data dir: a server that needs no system directories.
   run_as "$user" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c max_connections=200 $options" \
     start >/dev/null || die "PostgreSQL did not start: $(tail -n 20 "$dir/server.log" 2>/dev/null)"
   TB_CLEANUPS+=("run_as '$user' '$bindir/pg_ctl' -D '$dir/data' -m immediate stop")
   DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
