@@ -576,6 +576,28 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     assert_eq!(app.get_session(&bob).await.status(), 200);
 }
 
+/// The pool pings a connection idle for a second or more before handing it out, and not one in
+/// constant use (src/store/postgres.rs): a restart while the connections sit idle must not cost
+/// the first request after it anything.
+#[tokio::test]
+async fn after_a_postgres_restart_the_first_request_that_needs_it_succeeds() {
+    let postgres = PrivatePostgres::start();
+    let database_url = postgres.url();
+    let app = spawn_app_with(|s| s.settings.database_url = Some(database_url)).await;
+    // The login leaves connections in the pool, then they sit idle.
+    let alice = app.logged_in_browser("alice").await;
+    postgres.stop();
+    postgres.start_server();
+    // A restart takes longer than a second; a fast one here, so the pause makes it as long.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The first thing after it that needs PostgreSQL: a login, which writes its row.
+    let bob = app.logged_in_browser("bob").await;
+    assert_eq!(app.get_session(&bob).await.status(), 200);
+    assert_eq!(app.get_session(&alice).await.status(), 200);
+    assert_eq!(postgres.session_rows().await, 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // IdP
 
