@@ -31,12 +31,13 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// still coming up; `/readyz` reports it instead.
 ///
 /// sqlx pings a connection when it goes back to the pool (in the background) and, by default,
-/// again before handing it out: a round trip in front of every query (on the cold `/session` path, a
-/// Redis miss, a fourth beside Redis's read, the row's `SELECT` and Redis's write). Here only a connection idle for [`PING_WHEN_IDLE_FOR`] is
-/// pinged again: that is the one a PostgreSQL restart or a dropped idle TCP connection may have
-/// killed since its last ping, and when the ping fails sqlx closes it and hands out another, so
-/// the caller never sees it. One that dies within the second fails its query, as a connection
-/// that dies during a query always does.
+/// again before handing it out: a round trip in front of every query (on the cold `/session`
+/// path, a Redis miss, a fourth beside Redis's read, the row's `SELECT` and Redis's write). Here
+/// only a connection idle for [`PING_WHEN_IDLE_FOR`] is pinged again: that is the one a
+/// PostgreSQL restart or a dropped idle TCP connection may have killed since its last ping, and
+/// when the ping fails sqlx closes it and hands out another, so the caller never sees it. One
+/// that dies within the second fails its query, as a connection that dies during a query always
+/// does.
 pub fn connect_lazy(url: &str) -> Result<PgPool, StoreError> {
     Ok(PgPoolOptions::new()
         .max_connections(16)
