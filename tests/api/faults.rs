@@ -588,7 +588,7 @@ async fn after_a_postgres_restart_the_first_request_that_needs_it_succeeds() {
     let alice = app.logged_in_browser("alice").await;
     postgres.stop();
     postgres.start_server();
-    // A restart takes longer than a second; a fast one here, so the pause makes it as long.
+    // A real restart takes more than a second; this one is quicker, so the pause makes up the rest.
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // The first thing after it that needs PostgreSQL: a login, which writes its row.
