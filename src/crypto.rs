@@ -15,6 +15,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 const NONCE_LEN: usize = 12;
+/// AES-GCM's authentication tag.
+const TAG_LEN: usize = 16;
 
 /// base64url without padding, with SIMD where the CPU has it (detected once): every cached
 /// `/session` and `/auth` decodes one or two sealed values of up to a few KiB.
@@ -192,6 +194,59 @@ impl Cipher {
         Ok(bytes)
     }
 
+    /// Appends `plaintext` sealed in binary form to `out`: the key id's length (one byte), the
+    /// key id, the nonce, then the ciphertext and tag. Encrypted in place in `out`: no copy of
+    /// the plaintext beyond the one into `out`.
+    pub fn seal_binary_into(&self, out: &mut Vec<u8>, plaintext: &[u8], associated_data: &[u8]) {
+        let Some((key_id, cipher)) = self.keys.first() else {
+            return;
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        // Key ids are 8 hex digits (`EncryptionKey::from_bytes`).
+        out.reserve(1 + key_id.len() + NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.push(u8::try_from(key_id.len()).unwrap_or(u8::MAX));
+        out.extend_from_slice(key_id.as_bytes());
+        out.extend_from_slice(&nonce);
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        // AES-GCM encryption fails only for inputs of ~64 GiB; treat that as impossible.
+        let tag = cipher
+            .encrypt_in_place_detached(&AesNonce::from(nonce), associated_data, &mut out[start..])
+            .unwrap_or_default();
+        out.extend_from_slice(&tag);
+    }
+
+    /// Opens what [`Cipher::seal_binary_into`] appended (exactly those bytes).
+    pub fn open_binary(&self, sealed: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let (&key_id_len, rest) = sealed.split_first().ok_or(OpenError::Corrupt)?;
+        let key_id_len = usize::from(key_id_len);
+        if rest.len() < key_id_len + NONCE_LEN + TAG_LEN {
+            return Err(OpenError::Corrupt);
+        }
+        let (key_id, rest) = rest.split_at(key_id_len);
+        let key_id = std::str::from_utf8(key_id).map_err(|_| OpenError::Corrupt)?;
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        let (ciphertext, tag) = ciphertext.split_at(ciphertext.len() - TAG_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| OpenError::Corrupt)?;
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| OpenError::Corrupt)?;
+        let (_, cipher) = self
+            .keys
+            .iter()
+            .find(|(id, _)| id == key_id)
+            .ok_or_else(|| OpenError::UnknownKey(key_id.to_string()))?;
+        let mut plaintext = ciphertext.to_vec();
+        cipher
+            .decrypt_in_place_detached(
+                &AesNonce::from(nonce),
+                associated_data,
+                &mut plaintext,
+                &aes_gcm::Tag::from(tag),
+            )
+            .map_err(|_| OpenError::Corrupt)?;
+        Ok(plaintext)
+    }
+
     /// Seals into one printable string, `<key id>.<base64url>`, for Redis values.
     pub fn seal_to_string(&self, plaintext: &[u8], associated_data: &[u8]) -> String {
         let sealed = self.seal(plaintext, associated_data);
@@ -281,6 +336,48 @@ mod tests {
             Err(OpenError::Corrupt)
         );
         assert!(cipher.open_string(b".", b"").is_err());
+    }
+
+    #[test]
+    fn binary_form_round_trips_and_refuses_what_it_did_not_make() {
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let cipher = Cipher::new(std::slice::from_ref(&old));
+        let mut sealed = b"header".to_vec();
+        cipher.seal_binary_into(&mut sealed, b"access-token", b"k");
+        assert!(sealed.starts_with(b"header"));
+        let sealed = &sealed[6..];
+        assert!(!sealed.windows(12).any(|w| w == b"access-token"));
+        assert_eq!(cipher.open_binary(sealed, b"k").unwrap(), b"access-token");
+        let rotated = Cipher::new(&[new.clone(), old.clone()]);
+        assert_eq!(rotated.open_binary(sealed, b"k").unwrap(), b"access-token");
+        assert_eq!(
+            Cipher::new(&[new]).open_binary(sealed, b"k"),
+            Err(OpenError::UnknownKey(old.id().to_string()))
+        );
+        assert_eq!(
+            cipher.open_binary(sealed, b"other"),
+            Err(OpenError::Corrupt)
+        );
+        for flipped in 0..sealed.len() {
+            let mut tampered = sealed.to_vec();
+            tampered[flipped] ^= 0x20;
+            assert!(
+                cipher.open_binary(&tampered, b"k").is_err(),
+                "byte {flipped}"
+            );
+        }
+        // Every truncation, and lengths that point past the end, are refused without a panic.
+        for len in 0..sealed.len() {
+            assert!(
+                cipher.open_binary(&sealed[..len], b"k").is_err(),
+                "{len} bytes"
+            );
+        }
+        assert!(cipher.open_binary(&[255, b'a'], b"k").is_err());
+        // An empty plaintext seals and opens too.
+        let mut empty = Vec::new();
+        cipher.seal_binary_into(&mut empty, b"", b"k");
+        assert_eq!(cipher.open_binary(&empty, b"k").unwrap(), b"");
     }
 
     #[test]

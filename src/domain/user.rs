@@ -96,6 +96,17 @@ impl UserClaims {
         }
     }
 
+    /// The claims from parts stored side by side (the binary session cache value): `json` must
+    /// be a JSON object; `sub` is taken as the object's `sub` without reading it from the object
+    /// again (the parts were written together from one `UserClaims`, and sealed).
+    pub fn from_stored_parts(sub: String, json: String) -> Result<Self, String> {
+        if !json.starts_with('{') {
+            return Err("user claims are not a JSON object".into());
+        }
+        let json = RawValue::from_string(json).map_err(|e| e.to_string())?;
+        Ok(Self { sub, json })
+    }
+
     /// The IdP's subject identifier.
     pub fn sub(&self) -> &str {
         &self.sub

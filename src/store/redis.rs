@@ -3,8 +3,8 @@
 //! | key | value | TTL |
 //! |---|---|---|
 //! | `{prefix}login:<sha256(state)>` | pending login, sealed JSON | `BROKER_LOGIN_TTL` |
-//! | `{prefix}session:{<hash>}` | [`CachedSession`] JSON, sealed; or `ended` | until idle/absolute expiry; `ended`: 1 h |
-//! | `{prefix}at:{<hash>}` | access token and its expiry, sealed (`/auth`) | the token's expiry |
+//! | `{prefix}session:{<hash>}` | [`CachedSession`], sealed binary (`values`); or `ended` | until idle/absolute expiry; `ended`: 1 h |
+//! | `{prefix}at:{<hash>}` | access token and its expiry, sealed binary (`values`; `/auth`) | the token's expiry |
 //! | `{prefix}seen:<sha256(id)>` | `1`: a logout token's `jti` already used | until the token could expire |
 //!
 //! `<hash>` is the hex SHA-256 of the session ID, inside `{…}` (a Redis Cluster hash tag): a
@@ -35,6 +35,7 @@ use crate::domain::{SessionIdHash, State};
 
 mod connection;
 pub mod topology;
+mod values;
 
 use connection::Connections;
 use topology::RedisTopology;
@@ -121,13 +122,8 @@ impl RedisStore {
             Some(sealed) => sealed,
         };
         // An entry that does not open (sealed under a key no longer configured) or does not parse
-        // (an older version's) is a miss, not an outage: PostgreSQL decides.
-        let opened = self
-            .cipher
-            .open_string(sealed, key.as_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()));
-        match opened {
+        // (a form this version does not know) is a miss, not an outage: PostgreSQL decides.
+        match values::open_session(&self.cipher, key, sealed) {
             Ok(session) => CacheLookup::Live(session),
             Err(error) => {
                 tracing::warn!(%error, "unreadable session cache entry; reading PostgreSQL");
@@ -139,10 +135,7 @@ impl RedisStore {
     /// A cached access token as read from `key`. Under a retired key, or unreadable: as if not
     /// cached; a refresh replaces it.
     fn open_access_token(&self, key: &str, sealed: &[u8]) -> Option<CachedAccessToken> {
-        self.cipher
-            .open_string(sealed, key.as_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()))
+        values::open_access_token(&self.cipher, key, sealed)
             .map_err(|error| tracing::warn!(%error, "unreadable cached access token"))
             .ok()
     }
@@ -197,7 +190,7 @@ impl SessionCache for RedisStore {
     async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError> {
         let key = self.session_key(hash);
         let mut connection = self.connections.get();
-        // Bytes, not `String`: the sealed value is ASCII, no need to validate it as UTF-8.
+        // Bytes, not `String`: the sealed value is binary (`values`).
         let value: Option<Vec<u8>> = connection.get(&key).await?;
         Ok(self.open_session(&key, value.as_deref()))
     }
@@ -228,8 +221,7 @@ impl SessionCache for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let key = self.session_key(hash);
-        let json = serde_json::to_vec(session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
+        let sealed = values::seal_session(&self.cipher, &key, session);
         let mut connection = self.connections.get();
         let _: i64 = self
             .put_unless_ended
@@ -262,8 +254,7 @@ impl SessionCache for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let key = self.access_token_key(hash);
-        let json = serde_json::to_vec(token).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let sealed = self.cipher.seal_to_string(&json, key.as_bytes());
+        let sealed = values::seal_access_token(&self.cipher, &key, token);
         let mut connection = self.connections.get();
         let _: () = connection.pset_ex(&key, sealed, millis(ttl)).await?;
         Ok(())

@@ -123,6 +123,22 @@ impl TestRedis {
         keys.sort();
         keys
     }
+
+    /// Every key under this test's prefix with its value, as bytes (the session cache's values
+    /// are binary).
+    pub async fn values(&self) -> Vec<(String, Vec<u8>)> {
+        let mut connection = self.connection().await;
+        let mut values = Vec::new();
+        for key in self.keys().await {
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            values.push((key, value.unwrap_or_default()));
+        }
+        values
+    }
 }
 
 impl Drop for TestRedis {
@@ -732,19 +748,19 @@ pub async fn expire_stored_token(app: &TestApp, browser: &Browser) {
 }
 
 /// Opens a sealed access-token cache entry (`{prefix}at:{hash}`) and returns the token in it.
+/// Read as the broker's `store::redis::values` documents the layout, independently of its code:
+/// `0x02`, the sealed binary form; inside, two times of 12 bytes each, then the token.
 pub fn open_cached_access_token(
     cipher: &token_broker::crypto::Cipher,
     key: &str,
-    sealed: &str,
+    value: &[u8],
 ) -> String {
+    let (form, sealed) = value.split_first().expect("a value");
+    assert_eq!(*form, 0x02, "the binary form");
     let opened = cipher
-        .open_string(sealed, key.as_bytes())
+        .open_binary(sealed, key.as_bytes())
         .expect("the cache entry opens under the configured key");
-    let cached: serde_json::Value = serde_json::from_slice(&opened).expect("JSON inside");
-    cached["token"]
-        .as_str()
-        .expect("the cached entry holds the token")
-        .to_string()
+    String::from_utf8(opened[24..].to_vec()).expect("the token is text")
 }
 
 /// An HTTP client as the tests use it: no redirects followed, a 20 s time-out, and idle

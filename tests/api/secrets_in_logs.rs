@@ -78,21 +78,6 @@ fn param(params: &[(String, String)], name: &str) -> String {
         .unwrap()
 }
 
-/// The value of every key under `prefix`.
-async fn redis_values(redis: &TestRedis) -> Vec<(String, String)> {
-    let mut connection = redis.connection().await;
-    let mut values = Vec::new();
-    for key in redis.keys().await {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        values.push((key, value.unwrap_or_default()));
-    }
-    values
-}
-
 #[tokio::test]
 async fn the_log_of_a_whole_session_contains_no_secret() {
     // Arrange: the test IdP in-process, the broker as a child process.
@@ -170,7 +155,7 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
         browser: Browser::default(),
     };
     let (params, callback) = user.authorize(&[("username", "alice")]).await;
-    let (pending_key, sealed_pending) = redis_values(&redis).await.pop().expect("a pending login");
+    let (pending_key, sealed_pending) = redis.values().await.pop().expect("a pending login");
     let pending: serde_json::Value = serde_json::from_slice(
         &cipher
             .open_string(&sealed_pending, pending_key.as_bytes())
@@ -196,7 +181,8 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
         .unwrap()
         .expect("the session row");
     let at_key = format!("{}at:{{{}}}", redis.prefix, hash.to_hex());
-    let (_, sealed_access_token) = redis_values(&redis)
+    let (_, sealed_access_token) = redis
+        .values()
         .await
         .into_iter()
         .find(|(k, _)| *k == at_key)
