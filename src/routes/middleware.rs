@@ -8,10 +8,10 @@ use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{web, Error, HttpResponse, ResponseError};
-use tracing::Instrument;
 
 use super::problem::{ApiError, StoreFailure};
 use crate::flows::Broker;
+use crate::telemetry;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -42,30 +42,27 @@ fn request_id(headers: &HeaderMap) -> String {
         })
 }
 
-/// One span per request carrying its ID, one log line per response, `X-Request-Id` echoed.
-/// Only the route pattern is logged, never the path or query (a callback's query holds the code).
-///
-/// The span holds the request ID alone (it is on every line of the request, which ties them to
-/// the response line); the response line itself names the route and method. Every span field
-/// is copied into every line inside the span, so the span stays small.
+/// One log line per response, every line of the request with its ID ([`telemetry::with_request_id`]),
+/// `X-Request-Id` echoed. Only the route pattern is logged, never the path or query (a callback's
+/// query holds the code).
 pub async fn request_log(
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let id = request_id(request.headers());
+    let echoed = HeaderValue::from_str(&id).ok();
     let started = Instant::now();
     let route = request
         .match_pattern()
         .unwrap_or_else(|| "unmatched".into());
-    let span = tracing::info_span!("request", request_id = id.as_str());
     let metrics = request
         .app_data::<web::Data<Broker>>()
         .map(|broker| broker.metrics.clone());
     let method = request.method().clone();
-    let mut response = next.call(request).instrument(span.clone()).await?;
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    span.in_scope(|| {
+    telemetry::with_request_id(id, async move {
+        let mut response = next.call(request).await?;
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
         tracing::info!(
             method = method.as_str(),
             route = route.as_str(),
@@ -73,17 +70,18 @@ pub async fn request_log(
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-    });
-    if let Some(metrics) = metrics {
-        if let Some(failure) = response.response().extensions().get::<StoreFailure>() {
-            metrics.store_error_in(failure.0);
+        if let Some(metrics) = metrics {
+            if let Some(failure) = response.response().extensions().get::<StoreFailure>() {
+                metrics.store_error_in(failure.0);
+            }
+            metrics.http_request(route, method.as_str(), status, elapsed);
         }
-        metrics.http_request(route, method.as_str(), status, elapsed);
-    }
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
-    Ok(response)
+        if let Some(value) = echoed {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        Ok(response)
+    })
+    .await
 }
 
 fn allowed_origin(request: &ServiceRequest) -> Option<HeaderValue> {

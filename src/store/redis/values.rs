@@ -6,8 +6,8 @@
 //! sixth and a quarter of those requests' instructions). Read in that form and in the one
 //! earlier versions wrote (`<key id>.<base64url>` of sealed JSON, whose first byte is a hex
 //! digit), so replicas of both versions share one Redis during a rolling upgrade. A replica of
-//! the earlier version takes a value of this form for an unreadable entry: a session view is
-//! read from PostgreSQL instead, an access token is fetched again.
+//! the earlier version takes a value of this form for an unreadable entry, a miss: it reads the
+//! session's row (the access token under the refresh lease) and caches the earlier form again.
 //!
 //! Layouts (integers little-endian; a time is `i64` seconds since the epoch, then `u32`
 //! nanoseconds):
