@@ -16,6 +16,7 @@
 //! - access token: expiry, refresh-from (12 bytes each), then the token.
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::crypto::Cipher;
@@ -46,27 +47,20 @@ pub(super) fn open_session(
     key: &str,
     value: &[u8],
 ) -> Result<CachedSession, String> {
-    let Some(sealed) = binary(value) else {
-        let json = cipher
-            .open_string(value, key.as_bytes())
-            .map_err(|e| e.to_string())?;
-        return serde_json::from_slice(&json).map_err(|e| e.to_string());
-    };
-    let plain = cipher
-        .open_binary(sealed, key.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut reader = Reader(&plain);
-    let id = Uuid::from_slice(reader.take(16)?).map_err(|e| e.to_string())?;
-    let (created_at, last_seen_at, expires_at) = (reader.time()?, reader.time()?, reader.time()?);
-    let sub_len = u32::from_le_bytes(reader.array()?);
-    let sub = reader.text(usize::try_from(sub_len).map_err(|e| e.to_string())?)?;
-    let json = reader.text(reader.0.len())?;
-    Ok(CachedSession {
-        id,
-        user: UserClaims::from_stored_parts(sub, json)?,
-        created_at,
-        last_seen_at,
-        expires_at,
+    open(cipher, key, value, |mut reader| {
+        let id = Uuid::from_slice(reader.take(16)?).map_err(|e| e.to_string())?;
+        let (created_at, last_seen_at, expires_at) =
+            (reader.time()?, reader.time()?, reader.time()?);
+        let sub_len = u32::from_le_bytes(reader.array()?);
+        let sub = reader.text(usize::try_from(sub_len).map_err(|e| e.to_string())?)?;
+        let json = reader.text(reader.0.len())?;
+        Ok(CachedSession {
+            id,
+            user: UserClaims::from_stored_parts(sub, json)?,
+            created_at,
+            last_seen_at,
+            expires_at,
+        })
     })
 }
 
@@ -86,6 +80,24 @@ pub(super) fn open_access_token(
     key: &str,
     value: &[u8],
 ) -> Result<CachedAccessToken, String> {
+    open(cipher, key, value, |mut reader| {
+        let (expires_at, refresh_at) = (reader.time()?, reader.time()?);
+        let token = reader.text(reader.0.len())?;
+        Ok(CachedAccessToken {
+            token: AccessToken::new(token),
+            expires_at,
+            refresh_at,
+        })
+    })
+}
+
+/// Opens `value` read from `key`: the binary form through `decode`, the earlier form as JSON.
+fn open<T: DeserializeOwned>(
+    cipher: &Cipher,
+    key: &str,
+    value: &[u8],
+    decode: impl FnOnce(Reader<'_>) -> Result<T, String>,
+) -> Result<T, String> {
     let Some(sealed) = binary(value) else {
         let json = cipher
             .open_string(value, key.as_bytes())
@@ -95,14 +107,7 @@ pub(super) fn open_access_token(
     let plain = cipher
         .open_binary(sealed, key.as_bytes())
         .map_err(|e| e.to_string())?;
-    let mut reader = Reader(&plain);
-    let (expires_at, refresh_at) = (reader.time()?, reader.time()?);
-    let token = reader.text(reader.0.len())?;
-    Ok(CachedAccessToken {
-        token: AccessToken::new(token),
-        expires_at,
-        refresh_at,
-    })
+    decode(Reader(&plain))
 }
 
 fn seal(cipher: &Cipher, key: &str, plain: &[u8]) -> Vec<u8> {
