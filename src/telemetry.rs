@@ -36,7 +36,7 @@ tokio::task_local! {
 static PRETTY: AtomicBool = AtomicBool::new(false);
 
 /// Runs a request's future with its ID: every JSON line it logs carries `"request_id"`, from a
-/// task-local rather than a tracing span (a span per request was ~6 % of a cached `/session`'s
+/// task-local rather than a tracing span (a span per request was ~8 % of a cached `/session`'s
 /// instructions: made, its fields formatted and stored, entered and left at every poll, closed).
 /// Human-readable lines keep the span (`request{request_id=…}`), which their formatter prints.
 pub async fn with_request_id<F: Future>(id: String, future: F) -> F::Output {

@@ -2,8 +2,8 @@
 //! access token (`at:{…}`), sealed under the Redis key as associated data.
 //!
 //! Written as `0x02` followed by [`Cipher::seal_binary_into`] of a fixed binary layout: no JSON
-//! to parse or write, no base64, on the path of every cached `/session` and `/auth` (they were a
-//! sixth and a quarter of those requests' instructions). Read in that form and in the one
+//! to parse or write, no base64, on the path of every cached `/session` and `/auth` (opening the
+//! values was a sixth and a quarter of those requests' instructions, mostly base64 and JSON). Read in that form and in the one
 //! earlier versions wrote (`<key id>.<base64url>` of sealed JSON, whose first byte is a hex
 //! digit), so replicas of both versions share one Redis during a rolling upgrade. A replica of
 //! the earlier version takes a value of this form for an unreadable entry, a miss: it reads the
