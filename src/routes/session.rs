@@ -11,6 +11,8 @@ use super::problem::ApiError;
 use crate::domain::UserClaims;
 use crate::flows::Broker;
 
+/// `/session`'s body. Written by [`SessionResponse::to_json`], not serde: the claims are already
+/// a JSON object (`UserClaims`), and every page load asks for this.
 #[derive(Serialize, ToSchema)]
 pub struct SessionResponse {
     /// Always true (an anonymous caller gets 401).
@@ -19,6 +21,22 @@ pub struct SessionResponse {
     /// When the session ends unless used again (idle or absolute limit, whichever is first).
     #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
+}
+
+impl SessionResponse {
+    /// The same text as `serde_json::to_string(self)`, by hand.
+    pub fn to_json(&self) -> String {
+        let user = self.user.json();
+        let mut json = String::with_capacity(user.len() + 80);
+        json.push_str(r#"{"authenticated":"#);
+        json.push_str(if self.authenticated { "true" } else { "false" });
+        json.push_str(r#","user":"#);
+        json.push_str(user);
+        json.push_str(r#","expires_at":""#);
+        crate::rfc3339::push(&mut json, &self.expires_at, chrono::SecondsFormat::AutoSi);
+        json.push_str(r#""}"#);
+        json
+    }
 }
 
 /// Who is logged in. Never contains a token.
@@ -39,11 +57,14 @@ pub async fn session(
         .current_session(&id)
         .await?
         .ok_or(ApiError::NotAuthenticated)?;
-    Ok(HttpResponse::Ok().json(SessionResponse {
+    let response = SessionResponse {
         authenticated: true,
         user: view.user,
         expires_at: view.expires_at,
-    }))
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(header::ContentType::json())
+        .body(response.to_json()))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -104,5 +125,40 @@ pub async fn logout(
             .cookie(clear)
             .insert_header((header::LOCATION, done.logout_url))
             .finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn the_hand_written_body_is_what_serde_writes() {
+        let user = UserClaims::select(
+            "al\"ice\u{1F600}".into(),
+            serde_json::json!({"email": "a@example.com", "name": "A \\ \n B", "email_verified": true})
+                .as_object()
+                .unwrap(),
+        );
+        let stored: UserClaims =
+            serde_json::from_str(r#"{"sub": "bob", "groups": ["x"], "n": 1.5e3}"#).unwrap();
+        for user in [user, stored] {
+            for expires_at in [
+                Utc.with_ymd_and_hms(2026, 12, 6, 10, 0, 0).unwrap(),
+                Utc.timestamp_opt(1_800_000_000, 123_456_789).unwrap(),
+            ] {
+                let response = SessionResponse {
+                    authenticated: true,
+                    user: user.clone(),
+                    expires_at,
+                };
+                assert_eq!(
+                    response.to_json(),
+                    serde_json::to_string(&response).unwrap()
+                );
+            }
+        }
     }
 }
