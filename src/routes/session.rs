@@ -11,8 +11,9 @@ use super::problem::ApiError;
 use crate::domain::UserClaims;
 use crate::flows::Broker;
 
-/// `/session`'s body. Written by [`SessionResponse::to_json`], not serde: the claims are already
-/// a JSON object (`UserClaims`), and every page load asks for this.
+// `/session`'s body; written by `SessionResponse::to_json`, not serde: the claims are already a
+// JSON object (`UserClaims`), and every page load asks for this. (A doc comment here would
+// become the schema's description in the OpenAPI document.)
 #[derive(Serialize, ToSchema)]
 pub struct SessionResponse {
     /// Always true (an anonymous caller gets 401).
