@@ -258,6 +258,15 @@ impl SessionRepository for PgSessionRepository {
         let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = touches.iter().copied().unzip();
         // The rows are locked in id order (ORDER BY … FOR UPDATE), so replicas flushing
         // overlapping sets never deadlock; GREATEST: out-of-order times never move it back.
+        // Asynchronous commit: the batch does not wait for its WAL to reach the disk (the WAL
+        // writer flushes it within 3 × wal_writer_delay). Last-seen times are the one write the
+        // broker can lose in a PostgreSQL crash without harm: a lost one makes the session end
+        // up to one touch interval early, as a replica's crash already could (flows/touch.rs).
+        // Every other write keeps the server's synchronous_commit.
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *transaction)
+            .await?;
         let updated: Vec<Uuid> = sqlx::query_scalar(
             "WITH touched AS (
                  SELECT s.id, t.last_seen_at
@@ -271,8 +280,9 @@ impl SessionRepository for PgSessionRepository {
         )
         .bind(&ids)
         .bind(&times)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *transaction)
         .await?;
+        transaction.commit().await?;
         let updated: std::collections::HashSet<Uuid> = updated.into_iter().collect();
         Ok(ids.into_iter().filter(|id| !updated.contains(id)).collect())
     }
