@@ -59,12 +59,13 @@ async fn check(request: HttpRequest, broker: web::Data<Broker>) -> Result<HttpRe
             TokenError::IdpUnavailable(cause) => ApiError::IdpUnavailable(cause),
             TokenError::Store(cause) => ApiError::StoreUnavailable(cause),
         })?;
-    let bearer =
-        HeaderValue::try_from(format!("Bearer {}", token.access_token.secret())).map_err(|_| {
-            ApiError::InvalidRequest(
-                "the IdP issued an access token that is not a header value".into(),
-            )
-        })?;
+    let secret = token.access_token.secret();
+    let mut bearer = String::with_capacity(7 + secret.len());
+    bearer.push_str("Bearer ");
+    bearer.push_str(secret);
+    let bearer = HeaderValue::try_from(bearer).map_err(|_| {
+        ApiError::InvalidRequest("the IdP issued an access token that is not a header value".into())
+    })?;
     let mut response = HttpResponse::Ok();
     response.insert_header((header::AUTHORIZATION, bearer));
     // A subject that is not a plain header value is left out rather than mangled.

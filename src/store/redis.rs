@@ -203,7 +203,9 @@ impl SessionCache for RedisStore {
         let mut connection = self.connections.get();
         // One MGET: both keys carry the session's hash tag, so it is one slot on a cluster too,
         // and the pair is read atomically (`mark_ended` changes both in one MULTI).
-        let (session, token): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
+        let mut mget = redis::Cmd::with_capacity(3, 4 + session_key.len() + token_key.len());
+        let (session, token): (Option<Vec<u8>>, Option<Vec<u8>>) = mget
+            .arg("MGET")
             .arg(&session_key)
             .arg(&token_key)
             .query_async(&mut connection)
