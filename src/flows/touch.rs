@@ -13,8 +13,8 @@
 //! while a batch ran made up most of the cold path's slowest percent: at about 1,150 cold
 //! requests a second, 200 ms batches (9 ms each) ran 5 % of the time and overlapped 56 % of
 //! the requests above the p99 (the broker's access log against these batches' debug lines);
-//! 50 ms batches of 2.8 ms brought the cold p99 from 3.6 to 2.3 ms (`scripts/bench
-//! --cold-only`, one run each; one batch a second had been worse still).
+//! 50 ms batches of 2–3 ms brought the cold p99 from 3.6 ms to 2.3 and 1.9 ms (`scripts/bench
+//! --cold-only`, one run before, two after; one batch a second had been worse still).
 //!
 //! What that costs: PostgreSQL's `last_seen_at` may lag by one interval more (the expiry sweep
 //! and a cache miss read it; idle timeouts are minutes to hours), and a replica that dies loses
