@@ -141,7 +141,7 @@ fn seal_in_place(
 /// `/session` and `/auth` opens one or two values with it.
 #[derive(Clone)]
 pub struct Cipher {
-    keys: Vec<(String, std::sync::Arc<LessSafeKey>)>,
+    keys: Vec<(String, LessSafeKey)>,
 }
 
 impl std::fmt::Debug for Cipher {
@@ -159,10 +159,7 @@ impl Cipher {
             .filter_map(|key| {
                 // Fails only for a key of the wrong length; `EncryptionKey` holds 32 bytes.
                 let unbound = UnboundKey::new(&AES_256_GCM, &key.bytes).ok()?;
-                Some((
-                    key.id.clone(),
-                    std::sync::Arc::new(LessSafeKey::new(unbound)),
-                ))
+                Some((key.id.clone(), LessSafeKey::new(unbound)))
             })
             .collect();
         Self { keys }
