@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
 use crate::clock::{Clock, SystemClock};
@@ -163,9 +162,7 @@ impl Application {
                     .app_data(broker.clone())
                     .app_data(readiness.clone())
                     .app_data(relay.clone())
-                    .wrap(from_fn(middleware::cors))
-                    .wrap(middleware::security_headers())
-                    .wrap(from_fn(middleware::request_log));
+                    .wrap(middleware::EveryRequest);
                 if let Some(extra) = &extra_routes {
                     let extra = extra.clone();
                     app = app.configure(move |config| extra(config));

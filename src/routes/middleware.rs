@@ -1,13 +1,16 @@
-//! Cross-cutting HTTP concerns: request IDs and access logs, CORS, and response headers.
+//! Cross-cutting HTTP concerns, in one layer ([`EveryRequest`]): request IDs and access logs, CORS,
+//! and response headers.
 
-use std::time::Instant;
+use std::future::{ready, Ready};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::Method;
-use actix_web::middleware::Next;
 use actix_web::{web, Error, HttpResponse, ResponseError};
+use futures_util::future::LocalBoxFuture;
 
 use super::problem::{ApiError, StoreFailure};
 use crate::flows::Broker;
@@ -42,51 +45,111 @@ fn request_id(headers: &HeaderMap) -> String {
         })
 }
 
-/// One log line per response, every line of the request with its ID ([`telemetry::with_request_id`]),
-/// `X-Request-Id` echoed. Only the route pattern is logged, never the path or query (a callback's
-/// query holds the code).
-pub async fn request_log(
-    request: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let id = request_id(request.headers());
-    let echoed = HeaderValue::from_str(&id).ok();
-    let started = Instant::now();
-    let route = request
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".into());
-    let metrics = request
-        .app_data::<web::Data<Broker>>()
-        .map(|broker| broker.metrics.clone());
-    let method = request.method().clone();
-    telemetry::with_request_id(id, async move {
-        let mut response = next.call(request).await?;
-        let status = response.status().as_u16();
-        let elapsed = started.elapsed();
-        tracing::info!(
-            method = method.as_str(),
-            route = route.as_str(),
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
-        if let Some(metrics) = metrics {
-            if let Some(failure) = response.response().extensions().get::<StoreFailure>() {
-                metrics.store_error_in(failure.0);
-            }
-            metrics.http_request(route, method.as_str(), status, elapsed);
-        }
-        if let Some(value) = echoed {
-            response.headers_mut().insert(REQUEST_ID, value);
-        }
-        Ok(response)
-    })
-    .await
+/// Everything every request goes through, as one actix layer: its ID and access log line, CORS,
+/// and the security headers. One layer instead of three (`from_fn` twice and `DefaultHeaders`):
+/// each `from_fn` layer boxed the service below it, and each layer added a future to every
+/// request. With the access line written straight to the log writer, a cached `/session` went
+/// from 68.5k to 64.6k instructions (`scripts/profile`).
+///
+/// In order, as the three layers did: the request's ID and start time; a CORS preflight is answered
+/// here (the routes never see it), any other request goes on and gets the CORS headers for its
+/// origin; the security headers that the response lacks; the access log line and the metrics;
+/// `X-Request-Id` on the response.
+pub struct EveryRequest;
+
+impl<S, B> Transform<S, ServiceRequest> for EveryRequest
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = Error;
+    type Transform = EveryRequestService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(EveryRequestService {
+            service: Rc::new(service),
+        }))
+    }
 }
 
-fn allowed_origin(request: &ServiceRequest) -> Option<HeaderValue> {
+pub struct EveryRequestService<S> {
+    service: Rc<S>,
+}
+
+impl<S, B> Service<ServiceRequest> for EveryRequestService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, request: ServiceRequest) -> Self::Future {
+        let service = Rc::clone(&self.service);
+        let id = request_id(request.headers());
+        let echoed = HeaderValue::from_str(&id).ok();
+        let started = Instant::now();
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
+        let broker = request.app_data::<web::Data<Broker>>().cloned();
+        let method = request.method().clone();
+        let origin = broker
+            .as_ref()
+            .and_then(|broker| allowed_origin(&request, broker));
+        Box::pin(telemetry::with_request_id(id, async move {
+            let mut response = if preflight(&request) {
+                let answer = preflight_response(&request, origin);
+                request.into_response(answer)
+            } else {
+                let mut response = service.call(request).await?.map_into_boxed_body();
+                cors_headers(response.headers_mut(), origin);
+                response
+            };
+            security_headers(response.headers_mut());
+            let status = response.status().as_u16();
+            let elapsed = started.elapsed();
+            if tracing::enabled!(tracing::Level::INFO) {
+                log_response(method.as_str(), &route, status, elapsed);
+            }
+            if let Some(broker) = broker {
+                if let Some(failure) = response.response().extensions().get::<StoreFailure>() {
+                    broker.metrics.store_error_in(failure.0);
+                }
+                broker
+                    .metrics
+                    .http_request(route, method.as_str(), status, elapsed);
+            }
+            if let Some(value) = echoed {
+                response.headers_mut().insert(REQUEST_ID, value);
+            }
+            Ok(response)
+        }))
+    }
+}
+
+/// The access log line: only the route pattern, never the path or query (a callback's query
+/// holds the code). JSON lines go straight to the log writer ([`telemetry::write_access_line`]).
+fn log_response(method: &str, route: &str, status: u16, elapsed: Duration) {
+    if !telemetry::write_access_line(module_path!(), method, route, status, elapsed) {
+        tracing::info!(
+            method,
+            route,
+            status,
+            latency_ms = telemetry::millis(elapsed),
+            "request"
+        );
+    }
+}
+
+fn allowed_origin(request: &ServiceRequest, broker: &Broker) -> Option<HeaderValue> {
     let origin = request.headers().get(header::ORIGIN)?;
-    let broker = request.app_data::<web::Data<Broker>>()?;
     let text = origin.to_str().ok()?;
     broker
         .config
@@ -95,50 +158,53 @@ fn allowed_origin(request: &ServiceRequest) -> Option<HeaderValue> {
         .then(|| origin.clone())
 }
 
-/// CORS with credentials, for the allowed origins only. A preflight from any other origin is
-/// refused with 403; other cross-origin responses simply lack the headers, so browsers withhold
-/// them from the calling page.
-pub async fn cors(
-    request: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<BoxBody>, Error> {
-    let origin = allowed_origin(&request);
-    let is_preflight = request.method() == Method::OPTIONS
+fn preflight(request: &ServiceRequest) -> bool {
+    request.method() == Method::OPTIONS
         && request
             .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if is_preflight {
-        let Some(origin) = origin else {
-            let response = ApiError::OriginNotAllowed.error_response();
-            return Ok(request.into_response(response));
-        };
-        let requested: String = request
-            .headers()
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| ALLOWED_REQUEST_HEADERS.contains(&h.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut response = HttpResponse::NoContent();
-        response
-            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
-            .insert_header((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true"))
-            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS))
-            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
-            .insert_header((
-                header::VARY,
-                "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
-            ));
-        if !requested.is_empty() {
-            response.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, requested));
-        }
-        return Ok(request.into_response(response.finish()));
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// CORS with credentials, for the allowed origins only. A preflight from any other origin is
+/// refused with 403; other cross-origin responses simply lack the headers ([`cors_headers`]), so
+/// browsers withhold them from the calling page.
+fn preflight_response(request: &ServiceRequest, origin: Option<HeaderValue>) -> HttpResponse {
+    let Some(origin) = origin else {
+        let mut refused = ApiError::OriginNotAllowed.error_response();
+        // The answer depends on the origin, as every answer does.
+        refused
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("Origin"));
+        return refused;
+    };
+    let requested: String = request
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| ALLOWED_REQUEST_HEADERS.contains(&h.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut response = HttpResponse::NoContent();
+    response
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true"))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS))
+        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+        .insert_header((
+            header::VARY,
+            "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        ));
+    if !requested.is_empty() {
+        response.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, requested));
     }
-    let mut response = next.call(request).await?.map_into_boxed_body();
-    let headers = response.headers_mut();
+    response.finish()
+}
+
+/// The CORS headers of an answer to an allowed origin; `Vary: Origin` on every answer.
+fn cors_headers(headers: &mut HeaderMap, origin: Option<HeaderValue>) {
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
     if let Some(origin) = origin {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -151,15 +217,27 @@ pub async fn cors(
             HeaderValue::from_static("x-request-id"),
         );
     }
-    Ok(response)
 }
 
 /// Headers every response carries: nothing here may be cached, sniffed, framed, or leak a
-/// Referer (the callback URL holds a code until the redirect).
-pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
-    actix_web::middleware::DefaultHeaders::new()
-        .add((header::CACHE_CONTROL, "no-store"))
-        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .add((header::REFERRER_POLICY, "no-referrer"))
-        .add((header::X_FRAME_OPTIONS, "DENY"))
+/// Referer (the callback URL holds a code until the redirect). A header the route set itself
+/// (the relay passes the upstream's on) is left as it is.
+fn security_headers(headers: &mut HeaderMap) {
+    const SECURITY_HEADERS: [(HeaderName, HeaderValue); 4] = [
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    ];
+    for (name, value) in SECURITY_HEADERS {
+        if !headers.contains_key(&name) {
+            headers.insert(name, value);
+        }
+    }
 }

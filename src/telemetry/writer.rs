@@ -93,7 +93,7 @@ impl LogWriter {
     }
 
     /// Queues one or more whole lines.
-    fn append(&self, bytes: &[u8]) {
+    pub(super) fn append(&self, bytes: &[u8]) {
         let mut state = self.shared.lock();
         while state.pending.len() >= MAX_PENDING {
             state.waiting_for_batch += 1;

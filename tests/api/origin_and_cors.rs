@@ -407,3 +407,76 @@ async fn an_origin_header_that_is_not_a_serialized_origin_is_neither_accepted_no
     }
     assert_eq!(app.get_session(&browser).await.status(), 200);
 }
+
+#[tokio::test]
+async fn every_kind_of_answer_carries_the_security_headers_and_its_request_id() {
+    // Arrange: one layer answers preflights itself and wraps everything else; each branch of it.
+    let app = spawn_app().await;
+    let session = format!("{}/session", app.address);
+    let unknown = format!("{}/no-such-route", app.address);
+    let cases = [
+        (
+            "a 401",
+            app.http.get(&session).header("origin", FRONTEND),
+            401,
+        ),
+        ("a 404", app.http.get(&unknown), 404),
+        (
+            "a preflight",
+            app.http
+                .request(reqwest::Method::OPTIONS, format!("{}/logout", app.address))
+                .header("origin", FRONTEND)
+                .header("access-control-request-method", "POST"),
+            204,
+        ),
+        (
+            "a refused preflight",
+            app.http
+                .request(reqwest::Method::OPTIONS, format!("{}/logout", app.address))
+                .header("origin", "https://evil.example")
+                .header("access-control-request-method", "POST"),
+            403,
+        ),
+        (
+            "the OpenAPI document",
+            app.http.get(format!("{}/openapi.json", app.address)),
+            200,
+        ),
+    ];
+
+    for (what, request, status) in cases {
+        for (sent_id, kept) in [
+            (Some("plain-id_1.2"), true),
+            (Some("has space"), false),
+            (Some(&*"x".repeat(65)), false),
+            (None, false),
+        ] {
+            // Act
+            let request = request.try_clone().unwrap();
+            let request = match sent_id {
+                Some(id) => request.header("x-request-id", id),
+                None => request,
+            };
+            let response = request.send().await.unwrap();
+
+            // Assert
+            assert_eq!(response.status(), status, "{what}");
+            for (name, value) in [
+                ("cache-control", "no-store"),
+                ("referrer-policy", "no-referrer"),
+                ("x-frame-options", "DENY"),
+                ("x-content-type-options", "nosniff"),
+            ] {
+                assert_eq!(header(&response, name), Some(value), "{what}: {name}");
+            }
+            let echoed = header(&response, "x-request-id").expect("x-request-id");
+            if kept {
+                assert_eq!(Some(echoed), sent_id, "{what}");
+            } else {
+                assert!(uuid::Uuid::parse_str(echoed).is_ok(), "{what}: {echoed}");
+            }
+            let vary = header(&response, "vary").unwrap_or("").to_ascii_lowercase();
+            assert!(vary.contains("origin"), "{what}: Vary: {vary}");
+        }
+    }
+}
