@@ -14,6 +14,9 @@ use tracing_subscriber::registry::LookupSpan;
 
 use super::REQUEST_ID;
 
+/// The access line of one response, as [`JsonLines`] writes the event
+/// `info!(target: target, method, route, status, latency_ms, "request")` inside a request, with
+/// `latency_ms` to the microsecond (numbers by `itoa`: `core::fmt` for them was a third of the line).
 pub(super) fn access_line(
     line: &mut String,
     now: &chrono::DateTime<chrono::Utc>,
@@ -29,13 +32,15 @@ pub(super) fn access_line(
     push_json_str(line, method);
     line.push_str(",\"route\":");
     push_json_str(line, route);
+    let mut number = itoa::Buffer::new();
     line.push_str(",\"status\":");
-    push_decimal(line, u64::from(status), 1);
+    line.push_str(number.format(status));
     line.push_str(",\"latency_ms\":");
     let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-    push_decimal(line, micros / 1000, 1);
+    line.push_str(number.format(micros / 1000));
+    // Three decimals, zeros kept: 1000..=1999 without its leading 1.
     line.push('.');
-    push_decimal(line, micros % 1000, 3);
+    line.push_str(&number.format(1000 + micros % 1000)[1..]);
     let _ = REQUEST_ID.try_with(|id| {
         line.push_str(",\"request_id\":");
         push_json_str(line, id);
@@ -45,22 +50,8 @@ pub(super) fn access_line(
     line.push_str("}\n");
 }
 
-/// Appends `value` in decimal with at least `width` digits (zeros in front): `core::fmt`'s
-/// machinery for two numbers was a third of the access line.
-fn push_decimal(line: &mut String, mut value: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut start = digits.len();
-    while value > 0 || digits.len() - start < width {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-    }
-    // ASCII digits only.
-    line.extend(digits[start..].iter().map(|&digit| char::from(digit)));
-}
-
 /// One JSON object per event: `timestamp`, `level`, the event's fields (with `message`),
-/// `request_id` inside a request ([`with_request_id`]), `target`, and `span` inside a span: the
+/// `request_id` inside a request ([`super::with_request_id`]), `target`, and `span` inside a span: the
 /// current span's fields and `name`.
 ///
 /// The same lines as tracing-subscriber's `.json().flatten_event(true).with_current_span(true)`,
@@ -343,32 +334,13 @@ mod tests {
         assert_eq!(lines[3]["request_id"], "r-\"2\"");
     }
 
-    #[test]
-    fn decimals_are_what_format_writes() {
-        for (value, width) in [
-            (0, 1),
-            (0, 3),
-            (7, 3),
-            (42, 3),
-            (999, 3),
-            (1000, 1),
-            (200, 1),
-        ]
-        .into_iter()
-        .chain([(u64::MAX, 1), (u64::MAX, 3), (12_345_678_901, 1)])
-        {
-            let mut line = String::from("x");
-            push_decimal(&mut line, value, width);
-            assert_eq!(line, format!("x{value:0width$}"));
-        }
-    }
-
     #[tokio::test]
     async fn the_access_line_is_the_line_tracing_writes() {
         const TARGET: &str = "token_broker::routes::middleware";
         let buffer = Buffer::default();
         let _default = tracing::subscriber::set_default(buffer.subscriber());
-        let latencies = [50, 12_345, 1_000_050].map(Duration::from_micros);
+        let latencies =
+            [0, 7, 50, 999, 12_345, 1_000_050, 86_400_000_000_042].map(Duration::from_micros);
         let written = with_request_id("r-\"1\"".into(), async {
             let mut written = Vec::new();
             for latency in latencies {
@@ -391,15 +363,22 @@ mod tests {
 
         let through_tracing = buffer.lines();
         assert_eq!(through_tracing.len(), latencies.len());
-        for (line, mut expected) in written.into_iter().zip(through_tracing) {
+        for ((line, latency), mut expected) in
+            written.into_iter().zip(latencies).zip(through_tracing)
+        {
             assert!(
                 line.ends_with("}\n") && line.matches('\n').count() == 1,
                 "{line}"
             );
             let mut direct: serde_json::Value = serde_json::from_str(&line).unwrap();
+            // The same number, however written: tracing prints a whole 1000.0 as `1000`, the
+            // direct line always with three decimals (`1000.000`).
             for value in [&mut direct, &mut expected] {
-                let stamp = value.as_object_mut().unwrap().remove("timestamp").unwrap();
+                let object = value.as_object_mut().unwrap();
+                let stamp = object.remove("timestamp").unwrap();
                 assert!(stamp.as_str().unwrap().ends_with('Z'));
+                let millis = object.remove("latency_ms").unwrap().as_f64().unwrap();
+                assert_eq!(millis, latency.as_micros() as f64 / 1000.0, "{line}");
             }
             assert_eq!(direct, expected, "{line}");
         }
