@@ -7,14 +7,21 @@
 //! (or its WAL flush) to answer: after a Redis flush, when every session is read from
 //! PostgreSQL once and most are due for a touch, that is a few batched writes a second instead of
 //! one per request (docs/benchmarks.md, cold path). The interval is short so that each batch is
-//! small, and the batch commits asynchronously (it does not wait for its WAL flush). Each row
-//! it updates is usually on a page of its own, and the first change to a page after a checkpoint
-//! writes the whole page to the WAL: about 50 µs of PostgreSQL's time per row. Requests served
-//! while a batch ran made up most of the cold path's slowest percent: at about 1,150 cold
+//! small, and the batch commits asynchronously (it does not wait for its WAL flush). Requests
+//! served while a batch ran made up most of the cold path's slowest percent: at about 1,150 cold
 //! requests a second, 200 ms batches (9 ms each) ran 5 % of the time and overlapped 56 % of
 //! the requests above the p99 (the broker's access log against these batches' debug lines);
 //! 50 ms batches of 2–3 ms brought the cold p99 from 3.6 ms to 2.3 and 1.9 ms (`scripts/bench
 //! --cold-only`, one run before, two after; one batch a second had been worse still).
+//!
+//! The times are written to `session_activity`, a table of narrow rows (id and time), not to the
+//! session's own row. When they were in the ~1.6 KB session rows, each write was usually the
+//! first change to its page since the last checkpoint, which puts the whole page in the WAL:
+//! about 8 KB of WAL per touch after a Redis flush, which started a checkpoint within seconds
+//! (and made every page pay again), and about 45 µs of PostgreSQL's time per row. About 125
+//! narrow rows share a page, so after a checkpoint each page pays once; a cold run's 52,000
+//! touches wrote 56 MiB of WAL (7,984 whole pages) and took about 22 µs a row
+//! (docs/benchmarks.md).
 //!
 //! What that costs: PostgreSQL's `last_seen_at` may lag by one interval more (the expiry sweep
 //! and a cache miss read it; idle timeouts are minutes to hours), and a replica that dies loses

@@ -181,6 +181,29 @@ impl SealedTokens {
     }
 }
 
+/// A session's last-seen time, in a query over `sessions`: the later of the row's own (written at
+/// login, and by replicas of versions before `session_activity`) and its `session_activity` row's
+/// (written by the touch queue). A scalar subquery, so that it also works in `RETURNING`, where
+/// the activity row is still there (a deletion's cascade runs after the statement's rows).
+macro_rules! last_seen {
+    () => {
+        "GREATEST(last_seen_at, (SELECT a.last_seen_at FROM session_activity a WHERE a.id = sessions.id))"
+    };
+}
+
+/// The columns [`PgSessionRepository::record_from_row`] reads, in a query over `sessions`.
+macro_rules! record_columns {
+    () => {
+        concat!(
+            "id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+             access_token_expires_at, access_token_refresh_at, id_hash, subject, idp_sid,
+             user_claims, created_at, expires_at, ",
+            last_seen!(),
+            " AS last_seen_at"
+        )
+    };
+}
+
 /// The advisory-lock key of the expired-session sweep (any constant unique to this application).
 const SWEEP_LOCK: i64 = 0x746b_6272_6f6b_6572; // "tkbroker"
 
@@ -202,10 +225,14 @@ impl SessionRepository for PgSessionRepository {
             session.access_token.as_ref(),
         );
         let query = sqlx::query(
-            "INSERT INTO sessions (id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
-                                   access_token_expires_at, access_token_refresh_at, id_hash, subject,
-                                   idp_sid, user_claims, created_at, last_seen_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "WITH session AS (
+                 INSERT INTO sessions (id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+                                       access_token_expires_at, access_token_refresh_at, id_hash, subject,
+                                       idp_sid, user_claims, created_at, last_seen_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                 RETURNING id, last_seen_at
+             )
+             INSERT INTO session_activity (id, last_seen_at) SELECT id, last_seen_at FROM session",
         )
         .bind(session.id);
         sealed
@@ -223,19 +250,24 @@ impl SessionRepository for PgSessionRepository {
     }
 
     async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE id_hash = $1")
-            .bind(hash.as_bytes())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            record_columns!(),
+            " FROM sessions WHERE id_hash = $1"
+        ))
+        .bind(hash.as_bytes())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|row| self.record_from_row(&row)).transpose()
     }
 
     async fn find_view(&self, hash: &SessionIdHash) -> Result<Option<CachedSession>, StoreError> {
         // Only the view's columns: a cold `/session` neither transfers nor opens the tokens.
-        let row = sqlx::query(
-            "SELECT id, key_id, user_claims, created_at, last_seen_at, expires_at
-             FROM sessions WHERE id_hash = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT id, key_id, user_claims, created_at, expires_at, ",
+            last_seen!(),
+            " AS last_seen_at FROM sessions WHERE id_hash = $1"
+        ))
         .bind(hash.as_bytes())
         .fetch_optional(&self.pool)
         .await?;
@@ -255,44 +287,75 @@ impl SessionRepository for PgSessionRepository {
     }
 
     async fn touch_many(&self, touches: &[(Uuid, DateTime<Utc>)]) -> Result<Vec<Uuid>, StoreError> {
-        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = touches.iter().copied().unzip();
-        // The rows are locked in id order (ORDER BY … FOR UPDATE), so replicas flushing
-        // overlapping sets never deadlock; GREATEST: out-of-order times never move it back.
+        // The times go to `session_activity` (migrations/…_session_activity.sql: a narrow row,
+        // so little WAL), by a plain UPDATE: one index lookup and one new row version each, in the
+        // row's page (HOT). Its nested loop follows the array, sorted here by id, so replicas
+        // flushing overlapping sets lock rows in one order and never deadlock. GREATEST:
+        // out-of-order times never move one back. The session's own row is neither written nor
+        // locked (the key does not change, so no foreign-key check runs).
+        //
         // Asynchronous commit: the batch does not wait for its WAL to reach the disk (the WAL
         // writer flushes it within 3 × wal_writer_delay). Last-seen times are the one write the
         // broker can lose in a PostgreSQL crash without harm: a lost one makes the session end
         // up to one touch interval early, as a replica's crash already could (flows/touch.rs).
         // Every other write keeps the server's synchronous_commit.
+        let mut sorted = touches.to_vec();
+        sorted.sort_unstable_by_key(|(id, _)| *id);
+        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted.iter().copied().unzip();
         let mut transaction = self.pool.begin().await?;
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *transaction)
             .await?;
-        let updated: Vec<Uuid> = sqlx::query_scalar(
-            "WITH touched AS (
-                 SELECT s.id, t.last_seen_at
-                 FROM sessions s JOIN unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at) ON s.id = t.id
-                 ORDER BY s.id
-                 FOR UPDATE OF s
-             )
-             UPDATE sessions s SET last_seen_at = GREATEST(s.last_seen_at, touched.last_seen_at)
-             FROM touched WHERE s.id = touched.id
-             RETURNING s.id",
+        let mut written: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+            "UPDATE session_activity a SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
+             WHERE a.id = t.id
+             RETURNING a.id",
         )
         .bind(&ids)
         .bind(&times)
         .fetch_all(&mut *transaction)
-        .await?;
+        .await?
+        .into_iter()
+        .collect();
+        // The rest: sessions gone, or stored by an earlier version (no activity row), which get
+        // one now. Inserting checks the foreign key, which locks the session's row: rare.
+        let (missing, missing_times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted
+            .iter()
+            .filter(|(id, _)| !written.contains(id))
+            .copied()
+            .unzip();
+        if !missing.is_empty() {
+            let inserted: Vec<Uuid> = sqlx::query_scalar(
+                "INSERT INTO session_activity AS a (id, last_seen_at)
+                 SELECT t.id, t.last_seen_at FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
+                 WHERE EXISTS (SELECT 1 FROM sessions s WHERE s.id = t.id)
+                 ORDER BY t.id
+                 ON CONFLICT (id) DO UPDATE SET last_seen_at = GREATEST(a.last_seen_at, EXCLUDED.last_seen_at)
+                 RETURNING a.id",
+            )
+            .bind(&missing)
+            .bind(&missing_times)
+            .fetch_all(&mut *transaction)
+            .await?;
+            written.extend(inserted);
+        }
         transaction.commit().await?;
-        let updated: std::collections::HashSet<Uuid> = updated.into_iter().collect();
-        Ok(ids.into_iter().filter(|id| !updated.contains(id)).collect())
+        Ok(missing
+            .into_iter()
+            .filter(|id| !written.contains(id))
+            .collect())
     }
 
     #[tracing::instrument(skip_all)]
     async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query("DELETE FROM sessions WHERE id_hash = $1 RETURNING *")
-            .bind(hash.as_bytes())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "DELETE FROM sessions WHERE id_hash = $1 RETURNING ",
+            record_columns!()
+        ))
+        .bind(hash.as_bytes())
+        .fetch_optional(&self.pool)
+        .await?;
         match row.map(|row| self.record_from_row(&row)).transpose() {
             Ok(record) => Ok(record),
             // The row is gone either way; tokens we cannot open cannot be revoked either.
@@ -310,10 +373,12 @@ impl SessionRepository for PgSessionRepository {
         ttl: Duration,
     ) -> Result<LeaseAttempt, StoreError> {
         let lease = Uuid::new_v4();
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "UPDATE sessions SET refresh_lease = $2, refresh_lease_until = now() + $3 * interval '1 millisecond'
              WHERE id_hash = $1 AND (refresh_lease_until IS NULL OR refresh_lease_until <= now())
-             RETURNING *",
+             RETURNING ",
+            record_columns!()
+        ),
         )
         .bind(hash.as_bytes())
         .bind(lease)
@@ -411,10 +476,11 @@ impl SessionRepository for PgSessionRepository {
     }
 
     async fn list_by_subject(&self, sub: &str) -> Result<Vec<SessionSummary>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, subject, idp_sid, created_at, last_seen_at, expires_at FROM sessions
-             WHERE subject = $1 ORDER BY created_at",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT id, subject, idp_sid, created_at, ",
+            last_seen!(),
+            " AS last_seen_at, expires_at FROM sessions WHERE subject = $1 ORDER BY created_at"
+        ))
         .bind(sub)
         .fetch_all(&self.pool)
         .await?;
@@ -450,8 +516,9 @@ impl SessionRepository for PgSessionRepository {
         }
         let rows = sqlx::query(
             "DELETE FROM sessions WHERE id IN (
-                 SELECT id FROM sessions WHERE expires_at <= $1 OR last_seen_at <= $2
-                 LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 SELECT s.id FROM sessions s LEFT JOIN session_activity a ON a.id = s.id
+                 WHERE s.expires_at <= $1 OR GREATEST(s.last_seen_at, a.last_seen_at) <= $2
+                 LIMIT $3 FOR UPDATE OF s SKIP LOCKED)
              RETURNING id_hash",
         )
         .bind(now)
@@ -472,7 +539,8 @@ impl SessionRepository for PgSessionRepository {
         idle_cutoff: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions WHERE expires_at > $1 AND last_seen_at > $2",
+            "SELECT count(*) FROM sessions s LEFT JOIN session_activity a ON a.id = s.id
+             WHERE s.expires_at > $1 AND GREATEST(s.last_seen_at, a.last_seen_at) > $2",
         )
         .bind(now)
         .bind(idle_cutoff)
@@ -485,11 +553,15 @@ impl SessionRepository for PgSessionRepository {
         let mut transaction = self.pool.begin().await?;
         // No SKIP LOCKED: a row a request holds is waited for (milliseconds), so that an empty
         // batch really means that nothing is left under an old key.
-        let rows = sqlx::query("SELECT * FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE")
-            .bind(self.cipher.current_key_id())
-            .bind(batch)
-            .fetch_all(&mut *transaction)
-            .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            record_columns!(),
+            " FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE"
+        ))
+        .bind(self.cipher.current_key_id())
+        .bind(batch)
+        .fetch_all(&mut *transaction)
+        .await?;
         let mut outcome = ResealOutcome::default();
         for row in &rows {
             let record = match self.record_from_row(row) {

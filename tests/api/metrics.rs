@@ -205,7 +205,7 @@ async fn a_store_outage_served_as_503_is_counted_once() {
     let first = app.get("/metrics", &Browser::default()).await;
     assert_eq!(first.status(), 200);
     let pool = app.database.pool().await;
-    sqlx::query("DROP TABLE sessions")
+    sqlx::query("DROP TABLE sessions CASCADE")
         .execute(&pool)
         .await
         .unwrap();

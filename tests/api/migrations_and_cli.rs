@@ -109,46 +109,66 @@ async fn three_migrate_processes_started_together_all_succeed_and_migrate_once()
 }
 
 #[tokio::test]
-async fn a_last_seen_write_to_a_full_sized_session_row_is_a_hot_update() {
-    // Arrange: rows the size of real ones (~1.6 KB, sealed tokens most of it), in a table with
-    // the migrations applied.
+async fn upgrading_a_database_with_sessions_keeps_each_ones_last_seen_time() {
+    // Arrange: a database migrated by the version before `session_activity` (its migrations,
+    // copied), holding sessions that version wrote: last-seen times only in `sessions`.
     let database = TestDatabase::create().await;
-    let migrated = run(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).await;
-    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+    let earlier = std::env::temp_dir().join(format!("tb-migrations-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&earlier).unwrap();
+    let mut copied = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.as_str() < "20261206000002" {
+            std::fs::copy(&path, earlier.join(&name)).unwrap();
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, 3, "the migrations before session_activity");
     let pool = database.pool().await;
-    let mut transaction = pool.begin().await.unwrap();
+    let migrator = sqlx::migrate::Migrator::new(earlier.as_path())
+        .await
+        .unwrap();
+    migrator.run(&pool).await.unwrap();
+    std::fs::remove_dir_all(&earlier).unwrap();
     sqlx::query(
         "INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
-                               refresh_token_sealed, access_token_sealed, created_at, last_seen_at, expires_at)
+                               created_at, last_seen_at, expires_at)
          SELECT gen_random_uuid(), sha256(n::text::bytea), 'user-' || n, '{\"sub\": \"x\"}', 'k1',
-                decode(repeat(md5(n::text), 40), 'hex'), decode(repeat(md5(n::text), 20), 'hex'),
-                decode(repeat(md5(n::text), 30), 'hex'), now(), now(), now() + interval '1 day'
-         FROM generate_series(1, 100) AS n",
+                '\\x00', now() - interval '1 hour', now() - n * interval '1 minute', now() + interval '1 day'
+         FROM generate_series(1, 20) AS n",
     )
-    .execute(&mut *transaction)
+    .execute(&pool)
     .await
     .unwrap();
 
-    // Act: the touch queue's write, for rows far enough apart to be in different pages.
-    let updated = sqlx::query(
-        "UPDATE sessions SET last_seen_at = now() + interval '1 minute'
-         WHERE subject IN (SELECT 'user-' || n FROM generate_series(8, 100, 8) AS n)",
-    )
-    .execute(&mut *transaction)
-    .await
-    .unwrap()
-    .rows_affected();
+    // Act: this version's migrations.
+    let migrated = run(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).await;
+    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
 
-    // Assert: every one stayed in its page (HOT: no new index entries). At fillfactor 100 a page
-    // of such rows has no room for a second version, and none would be.
-    let (updates, hot): (i64, i64) = sqlx::query_as(
-        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'sessions'",
+    // Assert: every session has its activity row, with its own time; and deleting a session
+    // deletes that row with it.
+    let unmatched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sessions s FULL JOIN session_activity a ON a.id = s.id
+         WHERE a.last_seen_at IS DISTINCT FROM s.last_seen_at",
     )
-    .fetch_one(&mut *transaction)
+    .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((updated, updates, hot), (12, 12, 12));
-    transaction.rollback().await.unwrap();
+    let activity_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((activity_rows, unmatched), (20, 0));
+    sqlx::query("DELETE FROM sessions WHERE subject = 'user-1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let activity_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(activity_rows, 19);
     pool.close().await;
 }
 

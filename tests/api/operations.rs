@@ -162,8 +162,13 @@ async fn two_replicas_sweeping_at_once_delete_each_expired_row_exactly_once() {
     ];
     let pool = app.database.pool().await;
     for browser in &expired {
+        // Both last-seen times: the row's own (login) and the touch queue's.
         sqlx::query(
-            "UPDATE sessions SET last_seen_at = now() - interval '13 hours' WHERE id_hash = $1",
+            "WITH idle AS (
+                 UPDATE sessions SET last_seen_at = now() - interval '13 hours' WHERE id_hash = $1
+                 RETURNING id)
+             UPDATE session_activity SET last_seen_at = now() - interval '13 hours'
+             WHERE id IN (SELECT id FROM idle)",
         )
         .bind(hash_of(browser).as_bytes())
         .execute(&pool)

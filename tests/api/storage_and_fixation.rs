@@ -471,11 +471,14 @@ async fn a_session_ends_at_its_absolute_lifetime_however_active() {
 
 async fn stored_last_seen(app: &TestApp, browser: &Browser) -> Option<chrono::DateTime<Utc>> {
     let pool = app.database.pool().await;
-    let seen = sqlx::query_scalar("SELECT last_seen_at FROM sessions WHERE id_hash = $1")
-        .bind(session_hash(browser).as_bytes())
-        .fetch_optional(&pool)
-        .await
-        .unwrap();
+    let seen = sqlx::query_scalar(
+        "SELECT a.last_seen_at FROM sessions s JOIN session_activity a ON a.id = s.id
+         WHERE s.id_hash = $1",
+    )
+    .bind(session_hash(browser).as_bytes())
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
     pool.close().await;
     seen
 }
@@ -605,11 +608,156 @@ async fn replicas_flushing_the_same_sessions_at_once_neither_deadlock_nor_move_t
     }
     let pool = app.database.pool().await;
     let times: Vec<chrono::DateTime<Utc>> =
-        sqlx::query_scalar("SELECT DISTINCT last_seen_at FROM sessions")
+        sqlx::query_scalar("SELECT DISTINCT last_seen_at FROM session_activity")
             .fetch_all(&pool)
             .await
             .unwrap();
     pool.close().await;
     assert_eq!(times.len(), 1, "{times:?}");
     assert_eq!(times[0].timestamp_micros(), later.timestamp_micros());
+}
+
+/// A session record with tokens the size of real ones (an ID token of ~900 characters), stored
+/// through the repository as a login stores it.
+async fn insert_full_sized_session(app: &TestApp, n: usize) -> token_broker::store::SessionRecord {
+    let now = Utc::now();
+    let token = |len: usize| "t".repeat(len);
+    let record = token_broker::store::SessionRecord {
+        id: uuid::Uuid::new_v4(),
+        id_hash: SessionId::generate().hash(),
+        user: token_broker::domain::UserClaims::select(format!("user-{n}"), &Default::default()),
+        idp_sid: Some(token(36)),
+        id_token: token_broker::domain::IdToken::new(token(900)),
+        refresh_token: Some(token_broker::domain::RefreshToken::new(token(64))),
+        access_token: Some(token_broker::store::CachedAccessToken {
+            token: token_broker::domain::AccessToken::new(token(64)),
+            expires_at: now + Duration::hours(1),
+            refresh_at: now + Duration::minutes(59),
+        }),
+        created_at: now,
+        last_seen_at: now,
+        expires_at: now + Duration::hours(12),
+    };
+    app.broker.sessions.insert(&record).await.unwrap();
+    record
+}
+
+#[tokio::test]
+async fn a_last_seen_write_leaves_the_session_row_alone_and_changes_a_narrow_row_in_its_page() {
+    // Arrange: 400 sessions the size of real ones; where each row and each version is.
+    let app = spawn_app().await;
+    let mut records = Vec::new();
+    for n in 0..400 {
+        records.push(insert_full_sized_session(&app, n).await);
+    }
+    let pool = app.database.pool().await;
+    let session_versions = || {
+        sqlx::query_scalar::<_, String>(
+            "SELECT id || ' ' || ctid || ' ' || xmin || ' ' || xmax FROM sessions ORDER BY id",
+        )
+        .fetch_all(&pool)
+    };
+    let activity_pages = || {
+        sqlx::query_as::<_, (uuid::Uuid, String)>(
+            "SELECT id, (ctid::text::point)[0]::text FROM session_activity ORDER BY id",
+        )
+        .fetch_all(&pool)
+    };
+    let sessions_before = session_versions().await.unwrap();
+    let pages_before = activity_pages().await.unwrap();
+
+    // Act: the touch queue's write for every eighth session (about 15 to a page).
+    let later = Utc::now() + Duration::minutes(2);
+    let touched: Vec<_> = records.iter().step_by(8).map(|r| (r.id, later)).collect();
+    let gone = app.broker.sessions.touch_many(&touched).await.unwrap();
+
+    // Assert: no session row was written or even locked (its page is not dirtied: after a
+    // checkpoint, that would be a full-page image of ~8 KB in the WAL per touch); each time is
+    // in its narrow row, which stayed in its page (over a hundred fit in one).
+    assert!(gone.is_empty(), "{gone:?}");
+    assert_eq!(session_versions().await.unwrap(), sessions_before);
+    assert_eq!(activity_pages().await.unwrap(), pages_before);
+    // (Rows on the fullest page: each pooled connection that inserts fills a page of its own.)
+    let (written, rows_per_page): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM session_activity WHERE last_seen_at = $1),
+                (SELECT count(*) FROM session_activity
+                 GROUP BY (ctid::text::point)[0] ORDER BY count(*) DESC LIMIT 1)",
+    )
+    .bind(later)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(written, 50);
+    assert!(
+        rows_per_page >= 100,
+        "{rows_per_page} rows on the fullest page"
+    );
+    for record in records.iter().step_by(8) {
+        let view = app
+            .broker
+            .sessions
+            .find_view(&record.id_hash)
+            .await
+            .unwrap();
+        assert_eq!(
+            view.unwrap().last_seen_at.timestamp_micros(),
+            later.timestamp_micros()
+        );
+    }
+    pool.close().await;
+}
+
+/// A session's last-seen time as the repository's reads see it (the view and the record agree).
+async fn seen_by_reads(app: &TestApp, hash: &token_broker::domain::SessionIdHash) -> i64 {
+    let view = app.broker.sessions.find_view(hash).await.unwrap().unwrap();
+    let record = app.broker.sessions.find(hash).await.unwrap().unwrap();
+    assert_eq!(view.last_seen_at, record.last_seen_at);
+    view.last_seen_at.timestamp_micros()
+}
+
+#[tokio::test]
+async fn a_session_an_earlier_version_stored_keeps_its_latest_last_seen_time() {
+    // Arrange: a session without an activity row, as a replica of the version before
+    // `session_activity` stores it during a rolling upgrade.
+    let app = spawn_app().await;
+    let record = insert_full_sized_session(&app, 1).await;
+    let pool = app.database.pool().await;
+    sqlx::query("DELETE FROM session_activity")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen_by_reads(&app, &record.id_hash).await,
+        record.last_seen_at.timestamp_micros()
+    );
+
+    // Act: this version touches it; then the earlier version, later still.
+    let later = Utc::now() + Duration::minutes(2);
+    let gone = app
+        .broker
+        .sessions
+        .touch_many(&[(record.id, later)])
+        .await
+        .unwrap();
+    assert!(gone.is_empty(), "{gone:?}");
+    let after_touch = seen_by_reads(&app, &record.id_hash).await;
+    let latest = later + Duration::minutes(2);
+    sqlx::query("UPDATE sessions SET last_seen_at = $1")
+        .bind(latest)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Assert: each read has the later of the two times.
+    assert_eq!(after_touch, later.timestamp_micros());
+    assert_eq!(
+        seen_by_reads(&app, &record.id_hash).await,
+        latest.timestamp_micros()
+    );
+    let listed = app.broker.sessions.list_by_subject("user-1").await.unwrap();
+    assert_eq!(
+        listed[0].last_seen_at.timestamp_micros(),
+        latest.timestamp_micros()
+    );
+    pool.close().await;
 }
