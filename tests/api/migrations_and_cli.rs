@@ -155,20 +155,19 @@ async fn upgrading_a_database_with_sessions_keeps_each_ones_last_seen_time() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    let activity_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!((activity_rows, unmatched), (20, 0));
+    let activity_rows = || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        count
+    };
+    assert_eq!((activity_rows().await, unmatched), (20, 0));
     sqlx::query("DELETE FROM sessions WHERE subject = 'user-1'")
         .execute(&pool)
         .await
         .unwrap();
-    let activity_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(activity_rows, 19);
+    assert_eq!(activity_rows().await, 19);
     pool.close().await;
 }
 
