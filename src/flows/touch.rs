@@ -19,9 +19,9 @@
 //! first change to its page since the last checkpoint, which puts the whole page in the WAL:
 //! about 8 KB of WAL per touch after a Redis flush, which started a checkpoint within seconds
 //! (and made every page pay again), and about 45 µs of PostgreSQL's time per row. About 125
-//! narrow rows share a page, so after a checkpoint each page pays once; a cold run's 52,000
-//! touches wrote 56 MiB of WAL (7,984 whole pages) and took about 22 µs a row
-//! (docs/benchmarks.md).
+//! narrow rows share a page, so after a checkpoint each page pays once: a cold run's 59,717
+//! touches wrote 57 MiB of WAL (7,987 whole pages; docs/benchmarks.md), and a batch took about
+//! 22 µs a row (its debug line, `scripts/bench --cold-only`).
 //!
 //! What that costs: PostgreSQL's `last_seen_at` may lag by one interval more (the expiry sweep
 //! and a cache miss read it; idle timeouts are minutes to hours), and a replica that dies loses

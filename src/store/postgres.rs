@@ -505,7 +505,12 @@ impl SessionRepository for PgSessionRepository {
         batch: i64,
     ) -> Result<Option<Vec<SessionIdHash>>, StoreError> {
         // One sweeper at a time across replicas: a transaction-scoped advisory lock, never waited
-        // for. SKIP LOCKED keeps the sweep off rows a request is updating right now.
+        // for. SKIP LOCKED keeps the sweep off rows a request is updating right now. The
+        // `session_activity` rows go by the foreign key's cascade, which waits for a touch that
+        // holds one; a sweep and a touch over two of the same sessions, locked in opposite
+        // orders, deadlock, and PostgreSQL ends one of them after `deadlock_timeout`: the touch
+        // is retried at the next flush, the sweep at the next sweep. Both need sessions that
+        // are in use and past their end at once, so this is rare.
         let mut transaction = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(SWEEP_LOCK)
