@@ -120,9 +120,9 @@ impl Broker {
     /// written stay queued.
     pub async fn flush_touches(&self) -> Result<usize, StoreError> {
         let started = std::time::Instant::now();
-        let mut touches: Vec<(Uuid, QueuedTouch)> = self.touches.take().into_iter().collect();
-        // One order for every replica: two flushes over the same rows lock them alike.
-        touches.sort_unstable_by_key(|(id, _)| *id);
+        // Each batch is written in id order (`touch_many` sorts it), so two replicas' flushes over
+        // the same rows lock them alike; the batches themselves are separate transactions.
+        let touches: Vec<(Uuid, QueuedTouch)> = self.touches.take().into_iter().collect();
         let mut written = 0;
         let mut rest = touches.as_slice();
         while !rest.is_empty() {
