@@ -181,6 +181,37 @@ impl SealedTokens {
     }
 }
 
+/// One batch of the expired-session sweep: `$1` now, `$2` the idle cutoff, `$3` the batch size;
+/// returns the deleted sessions' `id_hash`.
+///
+/// It finds the sessions that ended where they can be found without reading every session: the
+/// index on `expires_at`, and the narrow `session_activity`, which has one row per session
+/// (migrations/…_session_activity_for_every_session.sql). A million sessions' activity rows
+/// are some 130 MB against some 4.5 GB of sessions: one pass over them takes tens of
+/// milliseconds, where a pass over the sessions took seconds, each sweep, on every replica.
+/// Each candidate is checked again on its row: a replica of an earlier version may have moved
+/// `sessions.last_seen_at` later. SKIP LOCKED keeps the sweep off rows a request holds.
+pub const SWEEP_BATCH: &str = "DELETE FROM sessions WHERE id IN (
+    SELECT s.id FROM sessions s
+    WHERE s.id IN (SELECT id FROM sessions WHERE expires_at <= $1
+                   UNION ALL
+                   SELECT id FROM session_activity WHERE last_seen_at <= $2)
+      AND (s.expires_at <= $1 OR GREATEST(s.last_seen_at,
+               (SELECT a.last_seen_at FROM session_activity a WHERE a.id = s.id)) <= $2)
+    LIMIT $3 FOR UPDATE OF s SKIP LOCKED)
+RETURNING id_hash";
+
+/// The live sessions (`$1` now, `$2` the idle cutoff), counted without reading every session
+/// (see [`SWEEP_BATCH`]), from each session's one activity row: those used since the cutoff,
+/// less the few past their absolute end that no sweep has deleted yet, plus the few whose later
+/// time is in `sessions` (a replica of an earlier version moved it).
+pub const COUNT_LIVE: &str = "SELECT
+      (SELECT count(*) FROM session_activity WHERE last_seen_at > $2)
+    - (SELECT count(*) FROM sessions s JOIN session_activity a ON a.id = s.id
+       WHERE s.expires_at <= $1 AND a.last_seen_at > $2)
+    + (SELECT count(*) FROM session_activity a JOIN sessions s ON s.id = a.id
+       WHERE a.last_seen_at <= $2 AND s.last_seen_at > $2 AND s.expires_at > $1)";
+
 /// A session's last-seen time, in a query over `sessions`: the later of the row's own (written at
 /// login, and by replicas of versions before `session_activity`) and its `session_activity` row's
 /// (written by the touch queue). A scalar subquery, so that it also works in `RETURNING`, where
@@ -224,15 +255,13 @@ impl SessionRepository for PgSessionRepository {
             session.refresh_token.as_ref(),
             session.access_token.as_ref(),
         );
+        // The session's `session_activity` row is made by the database, in this statement
+        // (migrations/…_session_activity_for_every_session.sql), as for every insert.
         let query = sqlx::query(
-            "WITH session AS (
-                 INSERT INTO sessions (id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
-                                       access_token_expires_at, access_token_refresh_at, id_hash, subject,
-                                       idp_sid, user_claims, created_at, last_seen_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-                 RETURNING id, last_seen_at
-             )
-             INSERT INTO session_activity (id, last_seen_at) SELECT id, last_seen_at FROM session",
+            "INSERT INTO sessions (id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+                                   access_token_expires_at, access_token_refresh_at, id_hash, subject,
+                                   idp_sid, user_claims, created_at, last_seen_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(session.id);
         sealed
@@ -306,7 +335,7 @@ impl SessionRepository for PgSessionRepository {
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *transaction)
             .await?;
-        let mut written: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+        let written: std::collections::HashSet<Uuid> = sqlx::query_scalar(
             "UPDATE session_activity a SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
              FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
              WHERE a.id = t.id
@@ -318,33 +347,10 @@ impl SessionRepository for PgSessionRepository {
         .await?
         .into_iter()
         .collect();
-        // The rest: sessions gone, or stored by an earlier version (no activity row), which get
-        // one now. Inserting checks the foreign key, which locks the session's row: rare.
-        let (missing, missing_times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted
-            .iter()
-            .filter(|(id, _)| !written.contains(id))
-            .copied()
-            .unzip();
-        if !missing.is_empty() {
-            let inserted: Vec<Uuid> = sqlx::query_scalar(
-                "INSERT INTO session_activity AS a (id, last_seen_at)
-                 SELECT t.id, t.last_seen_at FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
-                 WHERE EXISTS (SELECT 1 FROM sessions s WHERE s.id = t.id)
-                 ORDER BY t.id
-                 ON CONFLICT (id) DO UPDATE SET last_seen_at = GREATEST(a.last_seen_at, EXCLUDED.last_seen_at)
-                 RETURNING a.id",
-            )
-            .bind(&missing)
-            .bind(&missing_times)
-            .fetch_all(&mut *transaction)
-            .await?;
-            written.extend(inserted);
-        }
         transaction.commit().await?;
-        Ok(missing
-            .into_iter()
-            .filter(|id| !written.contains(id))
-            .collect())
+        // Every session has its activity row from the moment it is stored, and loses it with
+        // the session (the trigger and the cascade): an id with none is a session that is gone.
+        Ok(ids.into_iter().filter(|id| !written.contains(id)).collect())
     }
 
     #[tracing::instrument(skip_all)]
@@ -519,18 +525,15 @@ impl SessionRepository for PgSessionRepository {
         if !locked {
             return Ok(None);
         }
-        let rows = sqlx::query(
-            "DELETE FROM sessions WHERE id IN (
-                 SELECT s.id FROM sessions s LEFT JOIN session_activity a ON a.id = s.id
-                 WHERE s.expires_at <= $1 OR GREATEST(s.last_seen_at, a.last_seen_at) <= $2
-                 LIMIT $3 FOR UPDATE OF s SKIP LOCKED)
-             RETURNING id_hash",
-        )
-        .bind(now)
-        .bind(idle_cutoff)
-        .bind(batch)
-        .fetch_all(&mut *transaction)
-        .await?;
+        // Not a prepared statement: planned with this sweep's instants, so that the plan follows
+        // how many rows have actually ended.
+        let rows = sqlx::query(SWEEP_BATCH)
+            .persistent(false)
+            .bind(now)
+            .bind(idle_cutoff)
+            .bind(batch)
+            .fetch_all(&mut *transaction)
+            .await?;
         transaction.commit().await?;
         rows.iter()
             .map(hash_from_row)
@@ -543,14 +546,12 @@ impl SessionRepository for PgSessionRepository {
         now: DateTime<Utc>,
         idle_cutoff: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions s LEFT JOIN session_activity a ON a.id = s.id
-             WHERE s.expires_at > $1 AND GREATEST(s.last_seen_at, a.last_seen_at) > $2",
-        )
-        .bind(now)
-        .bind(idle_cutoff)
-        .fetch_one(&self.pool)
-        .await?;
+        let count: i64 = sqlx::query_scalar(COUNT_LIVE)
+            .persistent(false)
+            .bind(now)
+            .bind(idle_cutoff)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 

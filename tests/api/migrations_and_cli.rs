@@ -113,41 +113,30 @@ async fn upgrading_a_database_with_sessions_keeps_each_ones_last_seen_time() {
     // Arrange: a database migrated by the version before `session_activity` (its migrations,
     // copied), holding sessions that version wrote: last-seen times only in `sessions`.
     let database = TestDatabase::create().await;
-    let earlier = std::env::temp_dir().join(format!("tb-migrations-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir(&earlier).unwrap();
-    let mut copied = 0;
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.as_str() < "20261206000002" {
-            std::fs::copy(&path, earlier.join(&name)).unwrap();
-            copied += 1;
-        }
-    }
-    assert_eq!(copied, 3, "the migrations before session_activity");
-    let pool = database.pool().await;
-    let migrator = sqlx::migrate::Migrator::new(earlier.as_path())
-        .await
-        .unwrap();
-    migrator.run(&pool).await.unwrap();
-    std::fs::remove_dir_all(&earlier).unwrap();
-    sqlx::query(
-        "INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
-                               created_at, last_seen_at, expires_at)
-         SELECT gen_random_uuid(), sha256(n::text::bytea), 'user-' || n, '{\"sub\": \"x\"}', 'k1',
-                '\\x00', now() - interval '1 hour', now() - n * interval '1 minute', now() + interval '1 day'
-         FROM generate_series(1, 20) AS n",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let pool = migrate_as_earlier_version(&database, "20261206000002", 3).await;
+    // Sessions as that version writes them: an INSERT that names only `sessions`.
+    let insert_as_earlier_version = |from: i32, to: i32| {
+        sqlx::query(
+            "INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
+                                   created_at, last_seen_at, expires_at)
+             SELECT gen_random_uuid(), sha256(n::text::bytea), 'user-' || n, '{\"sub\": \"x\"}', 'k1',
+                    '\\x00', now() - interval '1 hour', now() - n * interval '1 minute', now() + interval '1 day'
+             FROM generate_series($1::int, $2::int) AS n",
+        )
+        .bind(from)
+        .bind(to)
+        .execute(&pool)
+    };
+    insert_as_earlier_version(1, 20).await.unwrap();
 
-    // Act: this version's migrations.
+    // Act: this version's migrations; then that version, still running on other replicas during
+    // the rolling upgrade, stores more sessions its way.
     let migrated = run(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).await;
     assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+    insert_as_earlier_version(21, 30).await.unwrap();
 
-    // Assert: every session has its activity row, with its own time; and deleting a session
-    // deletes that row with it.
+    // Assert: every session has its activity row, with its own time, whoever stored it; and
+    // deleting a session deletes that row with it.
     let unmatched: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sessions s FULL JOIN session_activity a ON a.id = s.id
          WHERE a.last_seen_at IS DISTINCT FROM s.last_seen_at",
@@ -162,12 +151,95 @@ async fn upgrading_a_database_with_sessions_keeps_each_ones_last_seen_time() {
             .unwrap();
         count
     };
-    assert_eq!((activity_rows().await, unmatched), (20, 0));
+    assert_eq!((activity_rows().await, unmatched), (30, 0));
     sqlx::query("DELETE FROM sessions WHERE subject = 'user-1'")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(activity_rows().await, 19);
+    assert_eq!(activity_rows().await, 29);
+    pool.close().await;
+}
+
+/// Migrates `database` as the version before migration `first_new` did: with copies of the
+/// migrations before it (`count` of them).
+async fn migrate_as_earlier_version(
+    database: &TestDatabase,
+    first_new: &str,
+    count: usize,
+) -> sqlx::PgPool {
+    let earlier = std::env::temp_dir().join(format!("tb-migrations-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&earlier).unwrap();
+    let mut copied = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.as_str() < first_new {
+            std::fs::copy(&path, earlier.join(&name)).unwrap();
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, count, "the migrations before {first_new}");
+    let pool = database.pool().await;
+    let migrator = sqlx::migrate::Migrator::new(earlier.as_path())
+        .await
+        .unwrap();
+    migrator.run(&pool).await.unwrap();
+    std::fs::remove_dir_all(&earlier).unwrap();
+    pool
+}
+
+#[tokio::test]
+async fn sessions_stored_without_an_activity_row_get_one_when_migrating() {
+    // Arrange: a database migrated by the version that added `session_activity` (whose logins
+    // insert both rows in one statement), holding sessions that it stored, and sessions that
+    // a replica of the version before it stored meanwhile (no activity row).
+    let database = TestDatabase::create().await;
+    let pool = migrate_as_earlier_version(&database, "20261206000003", 4).await;
+    for statement in [
+        "WITH session AS (
+             INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
+                                   created_at, last_seen_at, expires_at)
+             SELECT gen_random_uuid(), sha256(n::text::bytea), 'user-' || n, '{}', 'k1', '\\x00',
+                    now() - interval '1 hour', now() - n * interval '1 minute', now() + interval '1 day'
+             FROM generate_series(1, 5) AS n
+             RETURNING id, last_seen_at)
+         INSERT INTO session_activity (id, last_seen_at) SELECT id, last_seen_at FROM session",
+        "INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
+                               created_at, last_seen_at, expires_at)
+         SELECT gen_random_uuid(), sha256(n::text::bytea), 'user-' || n, '{}', 'k1', '\\x00',
+                now() - interval '1 hour', now() - n * interval '1 minute', now() + interval '1 day'
+         FROM generate_series(6, 15) AS n",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+
+    // Act: this version's migrations; then the version before, still running on other
+    // replicas, stores one more session its way.
+    let migrated = run(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).await;
+    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+    sqlx::query(
+        "WITH session AS (
+             INSERT INTO sessions (id, id_hash, subject, user_claims, key_id, id_token_sealed,
+                                   created_at, last_seen_at, expires_at)
+             VALUES (gen_random_uuid(), sha256('16'), 'user-16', '{}', 'k1', '\\x00',
+                     now(), now(), now() + interval '1 day')
+             RETURNING id, last_seen_at)
+         INSERT INTO session_activity (id, last_seen_at) SELECT id, last_seen_at FROM session",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // Assert: each of the 16 has exactly one activity row, with its own time.
+    let (activity_rows, unmatched): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM session_activity),
+                (SELECT count(*) FROM sessions s FULL JOIN session_activity a ON a.id = s.id
+                 WHERE a.last_seen_at IS DISTINCT FROM s.last_seen_at)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((activity_rows, unmatched), (16, 0));
     pool.close().await;
 }
 

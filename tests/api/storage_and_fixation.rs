@@ -715,20 +715,46 @@ async fn seen_by_reads(app: &TestApp, hash: &token_broker::domain::SessionIdHash
     view.last_seen_at.timestamp_micros()
 }
 
+/// The columns an earlier version's INSERT names: `sessions` only, never `session_activity`.
+const EARLIER_VERSIONS_INSERT: &str =
+    "INSERT INTO sessions (id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+                           access_token_expires_at, access_token_refresh_at, id_hash, subject, idp_sid,
+                           user_claims, created_at, last_seen_at, expires_at)
+     SELECT id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+            access_token_expires_at, access_token_refresh_at, id_hash, subject, idp_sid,
+            user_claims, created_at, last_seen_at, expires_at FROM earlier";
+
 #[tokio::test]
-async fn a_session_an_earlier_version_stored_keeps_its_latest_last_seen_time() {
-    // Arrange: a session without an activity row, as a replica of the version before
-    // `session_activity` stores it during a rolling upgrade.
+async fn a_session_an_earlier_version_stores_and_touches_keeps_its_latest_last_seen_time() {
+    // Arrange: a session stored as a replica of a version before `session_activity` stores it
+    // during a rolling upgrade: an INSERT that names only `sessions`.
     let app = spawn_app().await;
     let record = insert_full_sized_session(&app, 1).await;
     let pool = app.database.pool().await;
-    sqlx::query("DELETE FROM session_activity")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let mut transaction = pool.begin().await.unwrap();
+    for statement in [
+        "CREATE TEMPORARY TABLE earlier ON COMMIT DROP AS SELECT * FROM sessions",
+        "DELETE FROM sessions",
+        EARLIER_VERSIONS_INSERT,
+    ] {
+        sqlx::query(statement)
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
+    }
+    transaction.commit().await.unwrap();
+    let activity: Vec<(uuid::Uuid, chrono::DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, last_seen_at FROM session_activity")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(
-        seen_by_reads(&app, &record.id_hash).await,
-        record.last_seen_at.timestamp_micros()
+        activity
+            .iter()
+            .map(|(id, seen)| (*id, seen.timestamp_micros()))
+            .collect::<Vec<_>>(),
+        [(record.id, record.last_seen_at.timestamp_micros())],
+        "the database made its activity row"
     );
 
     // Act: this version touches it; then the earlier version, later still.
@@ -748,7 +774,8 @@ async fn a_session_an_earlier_version_stored_keeps_its_latest_last_seen_time() {
         .await
         .unwrap();
 
-    // Assert: each read has the later of the two times.
+    // Assert: each read has the later of the two times; so do the sweep and the live count,
+    // which keep the session while only the earlier version's time is within the idle timeout.
     assert_eq!(after_touch, later.timestamp_micros());
     assert_eq!(
         seen_by_reads(&app, &record.id_hash).await,
@@ -759,5 +786,130 @@ async fn a_session_an_earlier_version_stored_keeps_its_latest_last_seen_time() {
         listed[0].last_seen_at.timestamp_micros(),
         latest.timestamp_micros()
     );
+    let sessions = &app.broker.sessions;
+    let (now, cutoff_between) = (Utc::now(), later + Duration::minutes(1));
+    assert_eq!(sessions.count_live(now, cutoff_between).await.unwrap(), 1);
+    assert_eq!(
+        sessions
+            .delete_expired(now, cutoff_between, 100)
+            .await
+            .unwrap(),
+        Some(vec![])
+    );
+    let past_both = latest + Duration::seconds(1);
+    assert_eq!(sessions.count_live(now, past_both).await.unwrap(), 0);
+    assert_eq!(
+        sessions.delete_expired(now, past_both, 100).await.unwrap(),
+        Some(vec![record.id_hash])
+    );
     pool.close().await;
+}
+
+#[tokio::test]
+async fn the_sweep_and_the_live_count_find_ended_sessions_without_reading_every_session() {
+    // Arrange: 3,000 sessions the size of real ones, logged in 13 hours ago; 10 past their
+    // absolute end, 10 unused for 13 hours, the rest used a minute ago; statistics current, as
+    // autovacuum keeps them.
+    let app = spawn_app().await;
+    insert_full_sized_session(&app, 0).await;
+    let pool = app.database.pool().await;
+    let mut connection = pool.acquire().await.unwrap();
+    for statement in [
+        "CREATE TEMPORARY TABLE earlier AS
+         SELECT gen_random_uuid() AS id, key_id, id_token_sealed, refresh_token_sealed, access_token_sealed,
+                access_token_expires_at, access_token_refresh_at, sha256(n::text::bytea) AS id_hash,
+                subject || n AS subject, idp_sid, user_claims, now() - interval '13 hours' AS created_at,
+                now() - interval '13 hours' AS last_seen_at, now() + interval '6 days' AS expires_at
+         FROM sessions, generate_series(1, 3000) AS n",
+        "DELETE FROM sessions",
+        EARLIER_VERSIONS_INSERT,
+        "UPDATE session_activity SET last_seen_at = now() - interval '1 minute'",
+        "UPDATE sessions SET expires_at = now() - interval '1 minute'
+         WHERE id IN (SELECT id FROM sessions ORDER BY id LIMIT 10)",
+        "UPDATE session_activity SET last_seen_at = now() - interval '13 hours'
+         WHERE id IN (SELECT id FROM session_activity ORDER BY id DESC LIMIT 10)",
+        "VACUUM ANALYZE sessions, session_activity",
+    ] {
+        // One connection: the temporary table is its own.
+        sqlx::query(statement)
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+    }
+    drop(connection);
+    let now = Utc::now();
+    let idle_cutoff = now - Duration::hours(12);
+
+    // Act: each query as the repository runs it, planned for these instants; then the
+    // repository's own calls.
+    let mut plans = Vec::new();
+    for (query, binds_batch) in [
+        (token_broker::store::postgres::SWEEP_BATCH, true),
+        (token_broker::store::postgres::COUNT_LIVE, false),
+    ] {
+        let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {query}");
+        let mut explain = sqlx::query_scalar::<_, serde_json::Value>(&explain)
+            .persistent(false)
+            .bind(now)
+            .bind(idle_cutoff);
+        if binds_batch {
+            explain = explain.bind(1000_i64);
+        }
+        let mut transaction = pool.begin().await.unwrap();
+        plans.push(explain.fetch_one(&mut *transaction).await.unwrap());
+        transaction.rollback().await.unwrap();
+    }
+    let live = app
+        .broker
+        .sessions
+        .count_live(now, idle_cutoff)
+        .await
+        .unwrap();
+    let swept = app
+        .broker
+        .sessions
+        .delete_expired(now, idle_cutoff, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Assert: neither reads the sessions table through (an index finds each row it reads), and
+    // both have the right answer.
+    for plan in &plans {
+        let mut scans = Vec::new();
+        collect_sequential_scans(plan, &mut scans);
+        assert!(
+            !scans.contains(&"sessions".to_string()),
+            "a sequential scan of sessions: {plan:#}"
+        );
+    }
+    assert_eq!((live, swept.len()), (2980, 20));
+    assert_eq!(
+        app.broker
+            .sessions
+            .count_live(now, idle_cutoff)
+            .await
+            .unwrap(),
+        2980
+    );
+    pool.close().await;
+}
+
+/// The tables that a JSON plan (`EXPLAIN (FORMAT JSON)`) reads by sequential scan.
+fn collect_sequential_scans(plan: &serde_json::Value, tables: &mut Vec<String>) {
+    match plan {
+        serde_json::Value::Object(node) => {
+            if node.get("Node Type").and_then(|t| t.as_str()) == Some("Seq Scan") {
+                if let Some(table) = node.get("Relation Name").and_then(|t| t.as_str()) {
+                    tables.push(table.to_string());
+                }
+            }
+            node.values()
+                .for_each(|child| collect_sequential_scans(child, tables));
+        }
+        serde_json::Value::Array(children) => children
+            .iter()
+            .for_each(|child| collect_sequential_scans(child, tables)),
+        _ => {}
+    }
 }
