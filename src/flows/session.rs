@@ -4,7 +4,8 @@
 //! on every call: `last_seen_at` is moved only when it is older than [`touch_interval`] (so a
 //! session may end up to that much earlier than its exact idle limit): in the cached view at
 //! once, in PostgreSQL by the replica's touch queue within 50 ms ([`super::touch`]).
-//! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches.
+//! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches
+//! the view after the answer (not before it).
 
 use chrono::{DateTime, Utc};
 
@@ -132,20 +133,41 @@ impl Broker {
             self.touches.record(session.id, hash, now);
         }
         if stale || !from_cache {
-            if let Err(error) = self
-                .cache
-                .put(hash, &session, self.cache_ttl(&session, now))
-                .await
-            {
-                self.metrics.store_error(&error);
-                tracing::warn!(%error, "could not cache the session");
-            }
+            self.cache_view_after_response(hash, &session, now);
         }
         let view = SessionView {
             expires_at: self.session_end(&session),
             user: session.user,
         };
         Ok(Some((view, token)))
+    }
+
+    /// Writes the session's view to Redis in a task of its own, so that the answer does not wait
+    /// for it: a cache miss costs the request the `GET` and the PostgreSQL read, not a third
+    /// round trip. The cache only saves work, so nothing depends on the write having happened:
+    /// a request that comes first reads PostgreSQL again. The write cannot bring an ended
+    /// session back either: it is refused where a tombstone is (`SessionCache::put`), and a
+    /// tombstone outlives any such task by far. A task waits at most Redis's response
+    /// time-out, as the request would have.
+    fn cache_view_after_response(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        now: DateTime<Utc>,
+    ) {
+        let ttl = self.cache_ttl(session, now);
+        let (cache, metrics, hash, session) = (
+            self.cache.clone(),
+            self.metrics.clone(),
+            *hash,
+            session.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = cache.put(&hash, &session, ttl).await {
+                metrics.store_error(&error);
+                tracing::warn!(%error, "could not cache the session");
+            }
+        });
     }
 
     /// A cache miss: the session's row. `/session` reads only the view's columns (no token is
