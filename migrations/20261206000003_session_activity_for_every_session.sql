@@ -2,7 +2,7 @@
 --
 -- The expired-session sweep and the live-sessions count find idle sessions by reading this narrow
 -- table (about 65 bytes a row), not the sessions table (about 1.6 KB a row): a million sessions
--- are some 130 MB here against some 4.5 GB there. That needs every session to have its row,
+-- are some 65 MB here against some 2.3 GB there. That needs every session to have its row,
 -- including the sessions that a replica of an earlier version stores during a rolling upgrade
 -- (its INSERT names only sessions). The trigger makes the row in the same statement, whoever
 -- inserts; ON CONFLICT DO NOTHING: the previous version inserts it itself.

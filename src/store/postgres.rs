@@ -187,7 +187,7 @@ impl SealedTokens {
 /// It finds the sessions that ended where they can be found without reading every session: the
 /// index on `expires_at`, and the narrow `session_activity`, which has one row per session
 /// (migrations/…_session_activity_for_every_session.sql). A million sessions' activity rows
-/// are some 130 MB against some 4.5 GB of sessions: one pass over them takes tens of
+/// are some 65 MB against some 2.3 GB of sessions: one pass over them takes tens of
 /// milliseconds, where a pass over the sessions took seconds, each sweep, on every replica.
 /// Each candidate is checked again on its row: a replica of an earlier version may have moved
 /// `sessions.last_seen_at` later. SKIP LOCKED keeps the sweep off rows a request holds.
