@@ -103,9 +103,11 @@ async fn spawn_binary(app: &TestApp, shutdown_delay: &str) -> (BrokerProcess, St
 #[tokio::test]
 async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
     let report = sigterm_under_load(Duration::ZERO).await;
-    // Requests on the wire when the listener closed may be closed unanswered (at most one per
-    // load loop); every one that started earlier than that was answered.
-    assert!(report.closed_unanswered <= LOOPS, "{report:?}");
+    // Requests on the wire when the listener closed may be closed unanswered; every one that
+    // started earlier than that was answered. At most one per loop that opens a connection per
+    // request (in the listen backlog, reset), and two per loop on kept-alive connections: its
+    // idle connection closed under a request, then its next one reset in the backlog.
+    assert!(report.closed_unanswered <= LOOPS + LOOPS / 2, "{report:?}");
     assert!(report.refused_after_signal > 0, "{report:?}");
 }
 

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use token_broker::clock::ManualClock;
 use token_broker::crypto::{EncryptionKey, Sealed};
 use token_broker::domain::SessionId;
+use token_broker::store::CacheLookup;
 
 use crate::helpers::*;
 
@@ -912,4 +913,39 @@ fn collect_sequential_scans(plan: &serde_json::Value, tables: &mut Vec<String>) 
             .for_each(|child| collect_sequential_scans(child, tables)),
         _ => {}
     }
+}
+
+#[tokio::test]
+async fn a_missed_view_is_cached_again_after_the_answer_and_never_over_a_logout() {
+    // Arrange: two live sessions whose cached views are gone (a Redis flush).
+    let app = spawn_app().await;
+    let kept = app.logged_in_browser("alice").await;
+    let mut ended = app.logged_in_browser("bob").await;
+    delete_redis_keys(&app).await;
+    let hash_of = |browser: &Browser| {
+        SessionId::parse(browser.session().expect("a session cookie"))
+            .expect("a well-formed session cookie")
+            .hash()
+    };
+    let (kept_hash, ended_hash) = (hash_of(&kept), hash_of(&ended));
+    let cache = &app.broker.cache;
+
+    // Act: each is read from PostgreSQL; one logs out at once, while the write of its view
+    // back to Redis may still be on its way.
+    assert_eq!(app.get_session(&kept).await.status(), 200);
+    assert_eq!(app.get_session(&ended).await.status(), 200);
+    let logout = app.post_logout(&mut ended, Some(FRONTEND), true).await;
+    assert_eq!(logout.status(), 200);
+
+    // Assert: the view is back in Redis soon after the answer; the ended session's key is its
+    // tombstone, and stays one after every write in flight has had time to land.
+    let mut waited = 0;
+    while !matches!(cache.get(&kept_hash).await.unwrap(), CacheLookup::Live(_)) {
+        assert!(waited < 100, "the view was not cached again within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(cache.get(&ended_hash).await.unwrap(), CacheLookup::Ended);
+    assert_problem(app.get_session(&ended).await, 401).await;
 }
