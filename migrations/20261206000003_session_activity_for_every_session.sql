@@ -8,7 +8,9 @@
 -- inserts; ON CONFLICT DO NOTHING: the previous version inserts it itself.
 --
 -- Then the rows that such replicas stored before this migration ran get theirs (the trigger is
--- created first, so no insert falls between the two).
+-- created first, so no insert falls between the two). This replaces what …_session_activity.sql
+-- says of such sessions (that each gets its row at its first touch): the touch no longer makes
+-- rows, it only updates them.
 CREATE OR REPLACE FUNCTION session_activity_for_new_session() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -330,7 +330,7 @@ impl SessionRepository for PgSessionRepository {
         // Every other write keeps the server's synchronous_commit.
         let mut sorted = touches.to_vec();
         sorted.sort_unstable_by_key(|(id, _)| *id);
-        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted.iter().copied().unzip();
+        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted.into_iter().unzip();
         let mut transaction = self.pool.begin().await?;
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *transaction)
