@@ -104,10 +104,8 @@ async fn spawn_binary(app: &TestApp, shutdown_delay: &str) -> (BrokerProcess, St
 async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
     let report = sigterm_under_load(Duration::ZERO).await;
     // Requests on the wire when the listener closed may be closed unanswered; every one that
-    // started earlier than that was answered. At most one per loop that opens a connection per
-    // request (in the listen backlog, reset), and two per loop on kept-alive connections: its
-    // idle connection closed under a request, then its next one reset in the backlog.
-    assert!(report.closed_unanswered <= LOOPS + LOOPS / 2, "{report:?}");
+    // started earlier than that was answered.
+    assert!(report.closed_unanswered <= UNANSWERED_AT_MOST, "{report:?}");
     assert!(report.refused_after_signal > 0, "{report:?}");
 }
 
@@ -117,10 +115,15 @@ async fn with_a_shutdown_delay_it_serves_on_with_readyz_503_before_draining() {
     assert!(report.readyz_503 >= 3, "{report:?}");
     assert!(report.served_after_signal > 20, "{report:?}");
     assert!(report.exited_after >= Duration::from_secs(1), "{report:?}");
-    assert!(report.closed_unanswered <= LOOPS, "{report:?}");
+    assert!(report.closed_unanswered <= UNANSWERED_AT_MOST, "{report:?}");
 }
 
 const LOOPS: usize = 8;
+/// Requests closed unanswered when the listener closes: at most one per loop that opens a
+/// connection per request (in the listen backlog, reset), and two per loop on kept-alive
+/// connections (its idle connection closed under a request, then its next one reset in the
+/// backlog). Each must still have started within 500 ms of the close.
+const UNANSWERED_AT_MOST: usize = LOOPS + LOOPS / 2;
 
 #[derive(Debug)]
 #[allow(dead_code)] // Debug-printed
