@@ -118,7 +118,8 @@ async fn seed_sessions(
         .connect_with(options)
         .await
         .map_err(std::io::Error::other)?;
-    let repository = PgSessionRepository::new(pool, Cipher::new(&keys));
+    let repository =
+        PgSessionRepository::new(pool, Cipher::new(&keys), std::time::Duration::from_secs(30));
     let mut cookies = std::io::BufWriter::new(std::fs::File::create(cookie_file)?);
     // Tokens the size of real ones: an RS256 ID token with a few claims, opaque access and
     // refresh tokens.

@@ -173,7 +173,8 @@ async fn run_command(cli: Cli) -> std::process::ExitCode {
             else {
                 return fail("DATABASE_URL: is required (set it or pass --database-url)");
             };
-            let pool = match postgres::connect_lazy(url) {
+            // The pool's time-out does not matter here: migrations run without one.
+            let pool = match postgres::connect_lazy(url, std::time::Duration::from_secs(5)) {
                 Ok(pool) => pool,
                 Err(error) => return fail(&format!("DATABASE_URL: {error}")),
             };

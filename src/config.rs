@@ -91,6 +91,9 @@ pub struct Settings {
     /// Time-out of every call to the IdP [default: 10s]
     #[arg(long, global = true, env = "BROKER_IDP_TIMEOUT")]
     pub idp_timeout: Option<String>,
+    /// Time-out of every PostgreSQL operation [default: 5s]
+    #[arg(long, global = true, env = "BROKER_DATABASE_TIMEOUT")]
+    pub database_timeout: Option<String>,
     /// After SIGTERM, how long to keep serving with /readyz at 503 before closing the listener
     /// [default: 0s]
     #[arg(long, global = true, env = "BROKER_SHUTDOWN_DELAY")]
@@ -143,6 +146,9 @@ pub struct Config {
     pub redis_key_prefix: String,
     pub run_migrations: bool,
     pub idp_timeout: Duration,
+    /// The most one PostgreSQL operation may take (its statements, its transaction); past it,
+    /// a 503. PostgreSQL cancels each statement at this time itself (`statement_timeout`).
+    pub database_timeout: Duration,
     /// After SIGTERM: serving on, with `/readyz` at 503, this long before the listener closes
     /// and in-flight requests drain (load balancers that route by readiness stop first).
     pub shutdown_delay: Duration,
@@ -410,6 +416,8 @@ impl Config {
         );
         let login_ttl = check.duration("BROKER_LOGIN_TTL", &settings.login_ttl, "10m");
         let idp_timeout = check.duration("BROKER_IDP_TIMEOUT", &settings.idp_timeout, "10s");
+        let database_timeout =
+            check.duration("BROKER_DATABASE_TIMEOUT", &settings.database_timeout, "5s");
         let shutdown_delay = match settings.shutdown_delay.as_deref().map(str::trim) {
             None | Some("0" | "0s") => Duration::ZERO,
             Some(_) => check.duration("BROKER_SHUTDOWN_DELAY", &settings.shutdown_delay, "0s"),
@@ -512,6 +520,7 @@ impl Config {
                 redis_key_prefix,
                 run_migrations,
                 idp_timeout,
+                database_timeout,
                 shutdown_delay,
                 jwks_refetch_interval: Duration::from_secs(10),
                 sweep_interval: Duration::from_secs(60),
@@ -625,6 +634,7 @@ mod tests {
         assert_eq!(config.cookie_same_site, SameSite::Strict);
         assert_eq!(config.api_connect_timeout, Duration::from_secs(5));
         assert_eq!(config.api_timeout, Duration::from_secs(30));
+        assert_eq!(config.database_timeout, Duration::from_secs(5));
         assert!(config.is_https());
     }
 
@@ -661,12 +671,17 @@ mod tests {
         settings.database_url = Some("mysql://u:dbpass@db".into());
         settings.api_routes = Some("orders=https://user:apipass@orders.internal?x=1".into());
         settings.api_timeout = Some("soon".into());
+        settings.database_timeout = Some("0s".into());
         let text = Config::from_settings(&settings).unwrap_err().to_string();
         assert!(
             text.contains("BROKER_API_ROUTES: route `orders` needs an absolute http(s) URL"),
             "{text}"
         );
         assert!(text.contains("BROKER_API_TIMEOUT:"), "{text}");
+        assert!(
+            text.contains("BROKER_DATABASE_TIMEOUT: must be longer than zero"),
+            "{text}"
+        );
         assert!(!text.contains("apipass"));
         assert!(
             text.contains("BROKER_ENCRYPTION_KEYS: key 1 decodes to 5 bytes"),

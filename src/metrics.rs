@@ -131,7 +131,7 @@ fn method_label(method: &str) -> &'static str {
 pub fn store_label(error: &StoreError) -> Option<&'static str> {
     match error {
         StoreError::Redis(_) => Some("redis"),
-        StoreError::Postgres(_) => Some("postgres"),
+        StoreError::Postgres(_) | StoreError::PostgresSilent(_) => Some("postgres"),
         StoreError::Corrupt(_) | StoreError::Sealed(_) => None,
     }
 }

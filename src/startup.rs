@@ -55,8 +55,8 @@ impl Stores {
     /// Redis and PostgreSQL, migrating first unless `BROKER_RUN_MIGRATIONS=false`.
     pub async fn connect(config: &Config) -> Result<Self, StartupError> {
         let cipher = Cipher::new(&config.encryption_keys);
-        let pool =
-            postgres::connect_lazy(config.database_url.secret()).map_err(StartupError::Database)?;
+        let pool = postgres::connect_lazy(config.database_url.secret(), config.database_timeout)
+            .map_err(StartupError::Database)?;
         if config.run_migrations {
             postgres::migrate(&pool).await?;
         }
@@ -71,7 +71,11 @@ impl Stores {
         Ok(Self {
             logins: redis.clone(),
             cache: redis,
-            sessions: Arc::new(PgSessionRepository::new(pool, cipher)),
+            sessions: Arc::new(PgSessionRepository::new(
+                pool,
+                cipher,
+                config.database_timeout,
+            )),
         })
     }
 

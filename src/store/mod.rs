@@ -29,6 +29,10 @@ pub enum StoreError {
     Redis(#[from] ::redis::RedisError),
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] sqlx::Error),
+    /// PostgreSQL did not answer an operation within the database time-out (and a grace):
+    /// the connection was closed.
+    #[error("PostgreSQL did not answer within {0:?}")]
+    PostgresSilent(std::time::Duration),
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
     /// Tokens sealed under a key that is no longer configured, or tampered with: the session

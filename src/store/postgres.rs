@@ -10,8 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row};
 use uuid::Uuid;
 
 use super::{
@@ -27,6 +28,15 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// A pooled connection idle for this long is pinged before it is handed out.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
+/// The longest wait for a pooled connection (capped at the database time-out): when none can
+/// be had, because PostgreSQL refuses connections or all of them are busy.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How much longer than PostgreSQL's own `statement_timeout` the broker waits for an answer
+/// before it gives the connection up: a statement PostgreSQL cancelled comes back as an error
+/// on a healthy connection, and that should arrive first.
+const SILENCE_GRACE: Duration = Duration::from_secs(1);
+
 /// Opens a pool. Connections are made lazily, so start-up does not fail while PostgreSQL is
 /// still coming up; `/readyz` reports it instead.
 ///
@@ -38,11 +48,28 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// when the ping fails sqlx closes it and hands out another, so the caller never sees it. One
 /// that dies within the second fails its query, as a connection that dies during a query always
 /// does.
-pub fn connect_lazy(url: &str) -> Result<PgPool, StoreError> {
+///
+/// Every connection gets `statement_timeout` = `time_out` when it is made, so PostgreSQL itself
+/// cancels a statement that waits (on a lock an operator holds, say) or works longer; without it,
+/// each request given up on would leave a backend waiting behind, and enough of them would use
+/// up the server's connections. (Set after connecting, not by a startup `options` parameter,
+/// which poolers such as PgBouncer refuse.)
+pub fn connect_lazy(url: &str, time_out: Duration) -> Result<PgPool, StoreError> {
+    let statement_timeout = format!("{}ms", time_out.as_millis());
     Ok(PgPoolOptions::new()
         .max_connections(16)
-        .acquire_timeout(Duration::from_secs(3))
+        .acquire_timeout(ACQUIRE_TIMEOUT.min(time_out))
         .test_before_acquire(false)
+        .after_connect(move |connection, _| {
+            let statement_timeout = statement_timeout.clone();
+            Box::pin(async move {
+                sqlx::query("SELECT set_config('statement_timeout', $1, false)")
+                    .bind(statement_timeout)
+                    .execute(connection)
+                    .await?;
+                Ok(())
+            })
+        })
         .before_acquire(|connection, metadata| {
             Box::pin(async move {
                 if metadata.idle_for >= PING_WHEN_IDLE_FOR {
@@ -56,14 +83,25 @@ pub fn connect_lazy(url: &str) -> Result<PgPool, StoreError> {
 
 /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while it migrates, so
 /// replicas that start at the same moment wait for each other instead of colliding.
+///
+/// Without a statement time-out: a migration may rewrite every session, and a replica may wait
+/// for another's migration as long as that takes. The connection that ran them is closed, not
+/// returned to the pool with its time-out off.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut connection = pool.acquire().await?;
+    connection.close_on_drop();
+    sqlx::raw_sql("SET statement_timeout = 0")
+        .execute(&mut *connection)
+        .await?;
+    MIGRATOR.run(&mut *connection).await
 }
 
 #[derive(Clone)]
 pub struct PgSessionRepository {
     pool: PgPool,
     cipher: Cipher,
+    /// The most one operation may take ([`PgSessionRepository::within_time_out`]).
+    time_out: Duration,
 }
 
 fn associated_data(id: Uuid, column: &str) -> Vec<u8> {
@@ -71,12 +109,43 @@ fn associated_data(id: Uuid, column: &str) -> Vec<u8> {
 }
 
 impl PgSessionRepository {
-    pub fn new(pool: PgPool, cipher: Cipher) -> Self {
-        Self { pool, cipher }
+    /// `time_out`: the most one operation may take; the pool's connections should have it as
+    /// their `statement_timeout` ([`connect_lazy`]).
+    pub fn new(pool: PgPool, cipher: Cipher, time_out: Duration) -> Self {
+        Self {
+            pool,
+            cipher,
+            time_out,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Runs one operation (its statements, its transaction) on a pooled connection, and gives
+    /// it up when PostgreSQL has not answered within the time-out (plus [`SILENCE_GRACE`]):
+    /// a server that went silent (a network partition, a failover that left the old primary's
+    /// address unanswered, a frozen host) costs a request a 503, never a hang.
+    ///
+    /// A connection whose operation was given up on is closed, not returned to the pool: sqlx
+    /// pings every returned connection first, and that ping would wait as long as the server
+    /// stays silent (for a peer that is gone for good, until TCP gives up, about 15 minutes),
+    /// holding its place in the pool; sixteen such places and no request could get a
+    /// connection, even once a new primary answers.
+    async fn within_time_out<T>(
+        &self,
+        operation: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut connection: PoolConnection<Postgres> = self.pool.acquire().await?;
+        let limit = self.time_out + SILENCE_GRACE;
+        match tokio::time::timeout(limit, operation(&mut connection)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                connection.close_on_drop();
+                Err(StoreError::PostgresSilent(limit))
+            }
+        }
     }
 
     /// Seals a row's tokens under the current key.
@@ -264,7 +333,7 @@ impl SessionRepository for PgSessionRepository {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(session.id);
-        sealed
+        let query = sealed
             .bind(query)
             .bind(session.id_hash.as_bytes())
             .bind(session.user.sub())
@@ -272,10 +341,12 @@ impl SessionRepository for PgSessionRepository {
             .bind(sqlx::types::Json(&session.user))
             .bind(session.created_at)
             .bind(session.last_seen_at)
-            .bind(session.expires_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+            .bind(session.expires_at);
+        self.within_time_out(async |connection| {
+            query.execute(connection).await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
@@ -284,9 +355,10 @@ impl SessionRepository for PgSessionRepository {
             record_columns!(),
             " FROM sessions WHERE id_hash = $1"
         ))
-        .bind(hash.as_bytes())
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(hash.as_bytes());
+        let row = self
+            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
+            .await?;
         row.map(|row| self.record_from_row(&row)).transpose()
     }
 
@@ -297,9 +369,10 @@ impl SessionRepository for PgSessionRepository {
             last_seen!(),
             " AS last_seen_at FROM sessions WHERE id_hash = $1"
         ))
-        .bind(hash.as_bytes())
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(hash.as_bytes());
+        let row = self
+            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let key_id: String = row.try_get("key_id")?;
         if !self.cipher.has_key(&key_id) {
@@ -331,23 +404,29 @@ impl SessionRepository for PgSessionRepository {
         let mut sorted = touches.to_vec();
         sorted.sort_unstable_by_key(|(id, _)| *id);
         let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted.into_iter().unzip();
-        let mut transaction = self.pool.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *transaction)
-            .await?;
-        let written: std::collections::HashSet<Uuid> = sqlx::query_scalar(
-            "UPDATE session_activity a SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
-             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
-             WHERE a.id = t.id
-             RETURNING a.id",
-        )
-        .bind(&ids)
-        .bind(&times)
-        .fetch_all(&mut *transaction)
-        .await?
-        .into_iter()
-        .collect();
-        transaction.commit().await?;
+        let written: std::collections::HashSet<Uuid> = self
+            .within_time_out(async |connection| {
+                let mut transaction = connection.begin().await?;
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *transaction)
+                    .await?;
+                let written = sqlx::query_scalar(
+                    "UPDATE session_activity a
+                     SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
+                     FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
+                     WHERE a.id = t.id
+                     RETURNING a.id",
+                )
+                .bind(&ids)
+                .bind(&times)
+                .fetch_all(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(written)
+            })
+            .await?
+            .into_iter()
+            .collect();
         // Every session has its activity row from the moment it is stored, and loses it with
         // the session (the trigger and the cascade): an id with none is a session that is gone.
         Ok(ids.into_iter().filter(|id| !written.contains(id)).collect())
@@ -359,9 +438,10 @@ impl SessionRepository for PgSessionRepository {
             "DELETE FROM sessions WHERE id_hash = $1 RETURNING ",
             record_columns!()
         ))
-        .bind(hash.as_bytes())
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(hash.as_bytes());
+        let row = self
+            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
+            .await?;
         match row.map(|row| self.record_from_row(&row)).transpose() {
             Ok(record) => Ok(record),
             // The row is gone either way; tokens we cannot open cannot be revoked either.
@@ -388,20 +468,26 @@ impl SessionRepository for PgSessionRepository {
         )
         .bind(hash.as_bytes())
         .bind(lease)
-        .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let (row, exists) = self
+            .within_time_out(async |connection| {
+                if let Some(row) = row.fetch_optional(&mut *connection).await? {
+                    return Ok((Some(row), true));
+                }
+                let exists: bool =
+                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id_hash = $1)")
+                        .bind(hash.as_bytes())
+                        .fetch_one(connection)
+                        .await?;
+                Ok((None, exists))
+            })
+            .await?;
         if let Some(row) = row {
             return Ok(LeaseAttempt::Taken {
                 lease,
                 record: Box::new(self.record_from_row(&row)?),
             });
         }
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id_hash = $1)")
-                .bind(hash.as_bytes())
-                .fetch_one(&self.pool)
-                .await?;
         Ok(if exists {
             LeaseAttempt::Held
         } else {
@@ -410,15 +496,17 @@ impl SessionRepository for PgSessionRepository {
     }
 
     async fn release_refresh_lease(&self, id: Uuid, lease: Uuid) -> Result<(), StoreError> {
-        sqlx::query(
+        let query = sqlx::query(
             "UPDATE sessions SET refresh_lease = NULL, refresh_lease_until = NULL
              WHERE id = $1 AND refresh_lease = $2",
         )
         .bind(id)
-        .bind(lease)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .bind(lease);
+        self.within_time_out(async |connection| {
+            query.execute(connection).await?;
+            Ok(())
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(session = %id))]
@@ -438,24 +526,23 @@ impl SessionRepository for PgSessionRepository {
             "UPDATE sessions SET {SET_SEALED_TOKENS}, refresh_lease = NULL, refresh_lease_until = NULL
              WHERE id = $1 AND refresh_lease = $8"
         );
-        let result = sealed
-            .bind(sqlx::query(&statement).bind(id))
-            .bind(lease)
-            .execute(&self.pool)
-            .await?;
-        if result.rows_affected() == 1 {
-            return Ok(RefreshCommit::Committed);
-        }
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)")
-                .bind(id)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(if exists {
-            RefreshCommit::LeaseLost
-        } else {
-            RefreshCommit::Gone
+        let update = sealed.bind(sqlx::query(&statement).bind(id)).bind(lease);
+        self.within_time_out(async |connection| {
+            if update.execute(&mut *connection).await?.rows_affected() == 1 {
+                return Ok(RefreshCommit::Committed);
+            }
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)")
+                    .bind(id)
+                    .fetch_one(connection)
+                    .await?;
+            Ok(if exists {
+                RefreshCommit::LeaseLost
+            } else {
+                RefreshCommit::Gone
+            })
         })
+        .await
     }
 
     async fn delete_by_idp_session(
@@ -467,16 +554,18 @@ impl SessionRepository for PgSessionRepository {
             "DELETE FROM sessions WHERE idp_sid = $1 AND ($2::text IS NULL OR subject = $2) RETURNING id_hash",
         )
         .bind(sid)
-        .bind(sub)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(sub);
+        let rows = self
+            .within_time_out(async |connection| Ok(rows.fetch_all(connection).await?))
+            .await?;
         rows.iter().map(hash_from_row).collect()
     }
 
     async fn delete_by_subject(&self, sub: &str) -> Result<Vec<SessionIdHash>, StoreError> {
-        let rows = sqlx::query("DELETE FROM sessions WHERE subject = $1 RETURNING id_hash")
-            .bind(sub)
-            .fetch_all(&self.pool)
+        let rows =
+            sqlx::query("DELETE FROM sessions WHERE subject = $1 RETURNING id_hash").bind(sub);
+        let rows = self
+            .within_time_out(async |connection| Ok(rows.fetch_all(connection).await?))
             .await?;
         rows.iter().map(hash_from_row).collect()
     }
@@ -487,9 +576,10 @@ impl SessionRepository for PgSessionRepository {
             last_seen!(),
             " AS last_seen_at, expires_at FROM sessions WHERE subject = $1 ORDER BY created_at"
         ))
-        .bind(sub)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(sub);
+        let rows = self
+            .within_time_out(async |connection| Ok(rows.fetch_all(connection).await?))
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(SessionSummary {
@@ -517,24 +607,30 @@ impl SessionRepository for PgSessionRepository {
         // orders, deadlock, and PostgreSQL ends one of them after `deadlock_timeout`: the touch
         // is retried at the next flush, the sweep at the next sweep. Both need sessions that
         // are in use and past their end at once, so this is rare.
-        let mut transaction = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(SWEEP_LOCK)
-            .fetch_one(&mut *transaction)
+        let rows = self
+            .within_time_out(async |connection| {
+                let mut transaction = connection.begin().await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                    .bind(SWEEP_LOCK)
+                    .fetch_one(&mut *transaction)
+                    .await?;
+                if !locked {
+                    return Ok(None);
+                }
+                // Not a prepared statement: planned with this sweep's instants, so that the
+                // plan follows how many rows have actually ended.
+                let rows = sqlx::query(SWEEP_BATCH)
+                    .persistent(false)
+                    .bind(now)
+                    .bind(idle_cutoff)
+                    .bind(batch)
+                    .fetch_all(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                Ok(Some(rows))
+            })
             .await?;
-        if !locked {
-            return Ok(None);
-        }
-        // Not a prepared statement: planned with this sweep's instants, so that the plan follows
-        // how many rows have actually ended.
-        let rows = sqlx::query(SWEEP_BATCH)
-            .persistent(false)
-            .bind(now)
-            .bind(idle_cutoff)
-            .bind(batch)
-            .fetch_all(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
+        let Some(rows) = rows else { return Ok(None) };
         rows.iter()
             .map(hash_from_row)
             .collect::<Result<Vec<_>, _>>()
@@ -546,64 +642,71 @@ impl SessionRepository for PgSessionRepository {
         now: DateTime<Utc>,
         idle_cutoff: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar(COUNT_LIVE)
+        let count = sqlx::query_scalar(COUNT_LIVE)
             .persistent(false)
             .bind(now)
-            .bind(idle_cutoff)
-            .fetch_one(&self.pool)
+            .bind(idle_cutoff);
+        let count: i64 = self
+            .within_time_out(async |connection| Ok(count.fetch_one(connection).await?))
             .await?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn reseal_batch(&self, batch: i64) -> Result<ResealOutcome, StoreError> {
-        let mut transaction = self.pool.begin().await?;
-        // No SKIP LOCKED: a row a request holds is waited for (milliseconds), so that an empty
-        // batch really means that nothing is left under an old key.
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE"
-        ))
-        .bind(self.cipher.current_key_id())
-        .bind(batch)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let mut outcome = ResealOutcome::default();
-        for row in &rows {
-            let record = match self.record_from_row(row) {
-                Ok(record) => record,
-                // Under a key that is gone: it can never be opened again; that session ends.
-                Err(StoreError::Sealed(error)) => {
-                    let id: Uuid = row.try_get("id")?;
-                    tracing::warn!(session = %id, %error, "deleting a session no configured key opens");
-                    sqlx::query("DELETE FROM sessions WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut *transaction)
-                        .await?;
-                    outcome.ended.push(hash_from_row(row)?);
-                    continue;
-                }
-                Err(other) => return Err(other),
-            };
-            let sealed = self.seal_tokens(
-                record.id,
-                &record.id_token,
-                record.refresh_token.as_ref(),
-                record.access_token.as_ref(),
-            );
-            let statement = format!("UPDATE sessions SET {SET_SEALED_TOKENS} WHERE id = $1");
-            sealed
-                .bind(sqlx::query(&statement).bind(record.id))
-                .execute(&mut *transaction)
-                .await?;
-            outcome.resealed += 1;
-        }
-        transaction.commit().await?;
-        Ok(outcome)
+        self.within_time_out(async |connection| {
+            let mut transaction = connection.begin().await?;
+            // No SKIP LOCKED: a row a request holds is waited for (milliseconds), so that an empty
+            // batch really means that nothing is left under an old key.
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE"
+            ))
+            .bind(self.cipher.current_key_id())
+            .bind(batch)
+            .fetch_all(&mut *transaction)
+            .await?;
+            let mut outcome = ResealOutcome::default();
+            for row in &rows {
+                let record = match self.record_from_row(row) {
+                    Ok(record) => record,
+                    // Under a key that is gone: it can never be opened again; that session ends.
+                    Err(StoreError::Sealed(error)) => {
+                        let id: Uuid = row.try_get("id")?;
+                        tracing::warn!(session = %id, %error, "deleting a session no configured key opens");
+                        sqlx::query("DELETE FROM sessions WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *transaction)
+                            .await?;
+                        outcome.ended.push(hash_from_row(row)?);
+                        continue;
+                    }
+                    Err(other) => return Err(other),
+                };
+                let sealed = self.seal_tokens(
+                    record.id,
+                    &record.id_token,
+                    record.refresh_token.as_ref(),
+                    record.access_token.as_ref(),
+                );
+                let statement = format!("UPDATE sessions SET {SET_SEALED_TOKENS} WHERE id = $1");
+                sealed
+                    .bind(sqlx::query(&statement).bind(record.id))
+                    .execute(&mut *transaction)
+                    .await?;
+                outcome.resealed += 1;
+            }
+            transaction.commit().await?;
+            Ok(outcome)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.within_time_out(async |connection| {
+            sqlx::query("SELECT 1").execute(connection).await?;
+            Ok(())
+        })
+        .await
     }
 }

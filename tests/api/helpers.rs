@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -157,6 +158,99 @@ impl Drop for TestRedis {
             Some(())
         })
         .join();
+    }
+}
+
+/// Deletes every key of the test's Redis prefix: the cache as a Redis flush leaves it (a shared
+/// Redis is never flushed).
+pub async fn delete_redis_keys(app: &TestApp) {
+    let keys = app.redis.keys().await;
+    if !keys.is_empty() {
+        let mut connection = app.redis.connection().await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+}
+
+/// A TCP proxy in front of a test's server (Redis, PostgreSQL) that can stop answering the way
+/// an unreachable server does, without closing anything:
+/// - with `hang_new` set, new connections are accepted and then left without an answer (a hung
+///   server);
+/// - [`StallingProxy::silence_existing`] stops the connections made so far from forwarding
+///   anything, either way, and keeps them open (a peer gone silent: a network partition, a
+///   failover that left the old primary's address unanswered); connections made afterwards
+///   forward as before.
+pub struct StallingProxy {
+    /// `url` with the proxy's host and port.
+    pub url: String,
+    pub hang_new: Arc<AtomicBool>,
+    /// Connections numbered below this are silent.
+    silent_below: tokio::sync::watch::Sender<u64>,
+    next_number: Arc<AtomicU64>,
+}
+
+impl StallingProxy {
+    /// A proxy to the server of `url` (its host and port; the rest is kept).
+    pub async fn start(url: &str) -> Self {
+        let target = Url::parse(url).expect("a URL");
+        let upstream = format!(
+            "{}:{}",
+            target.host_str().expect("the URL has a host"),
+            target.port_or_known_default().expect("the URL has a port")
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut url = target.clone();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(listener.local_addr().unwrap().port()))
+            .unwrap();
+        let hang_new = Arc::new(AtomicBool::new(false));
+        let (silent_below, _) = tokio::sync::watch::channel(0);
+        let next_number = Arc::new(AtomicU64::new(0));
+        let (hang, silence, numbers) = (
+            Arc::clone(&hang_new),
+            silent_below.clone(),
+            Arc::clone(&next_number),
+        );
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if hang.load(Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                let number = numbers.fetch_add(1, Ordering::SeqCst);
+                let mut silenced = silence.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let silent = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = silenced.wait_for(|below| number < *below) => true,
+                    };
+                    if silent {
+                        // Both ends stay open and unanswered until the test ends.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        Self {
+            url: url.to_string(),
+            hang_new,
+            silent_below,
+            next_number,
+        }
+    }
+
+    /// Every connection made so far goes silent for good.
+    pub fn silence_existing(&self) {
+        self.silent_below
+            .send_replace(self.next_number.load(Ordering::SeqCst));
     }
 }
 

@@ -2,7 +2,7 @@
 //! start-up connection until its own is made in the background, so no request waits for a
 //! connection to be made, not even when Redis stops answering new connections.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,57 +10,12 @@ use token_broker::crypto::{Cipher, EncryptionKey};
 use token_broker::store::redis::RedisStore;
 use token_broker::store::SessionCache;
 
-use crate::helpers::TestRedis;
-
-/// A TCP proxy in front of the test's Redis that can stop forwarding new connections: they are
-/// accepted and then left without an answer, as a hung Redis does. Connections already made
-/// keep forwarding.
-struct HangingProxy {
-    url: String,
-    hang_new: Arc<AtomicBool>,
-}
-
-impl HangingProxy {
-    async fn start(redis_url: &str) -> Self {
-        let target = url::Url::parse(redis_url).expect("REDIS_URL is a URL");
-        let upstream = format!(
-            "{}:{}",
-            target.host_str().expect("REDIS_URL has a host"),
-            target.port().unwrap_or(6379)
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut url = target.clone();
-        url.set_host(Some("127.0.0.1")).unwrap();
-        url.set_port(Some(listener.local_addr().unwrap().port()))
-            .unwrap();
-        let hang_new = Arc::new(AtomicBool::new(false));
-        let hang = Arc::clone(&hang_new);
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                if hang.load(Ordering::SeqCst) {
-                    held.push(client);
-                    continue;
-                }
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Self {
-            url: url.to_string(),
-            hang_new,
-        }
-    }
-}
+use crate::helpers::{StallingProxy, TestRedis};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thread_is_served_at_once_while_its_own_connection_cannot_be_made() {
     let redis = TestRedis::new();
-    let proxy = HangingProxy::start(&redis.url).await;
+    let proxy = StallingProxy::start(&redis.url).await;
     let cipher = Cipher::new(&[EncryptionKey::generate()]);
     let store = RedisStore::connect(&proxy.url, &redis.prefix, cipher)
         .await

@@ -174,7 +174,11 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
     let cookie = user.browser.session().unwrap().clone();
     let binding = user.browser.cookies["login-binding"].clone();
     let hash = SessionId::parse(&cookie).unwrap().hash();
-    let repository = PgSessionRepository::new(database.pool().await, cipher.clone());
+    let repository = PgSessionRepository::new(
+        database.pool().await,
+        cipher.clone(),
+        std::time::Duration::from_secs(5),
+    );
     let record = repository
         .find(&hash)
         .await

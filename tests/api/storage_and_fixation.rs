@@ -21,18 +21,6 @@ fn sha256_hex(value: &str) -> String {
     hex(&Sha256::digest(value.as_bytes()))
 }
 
-async fn delete_redis_keys(app: &TestApp) {
-    let keys = app.redis.keys().await;
-    if !keys.is_empty() {
-        let mut connection = app.redis.connection().await;
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-    }
-}
-
 /// Every row of `sessions`, every column as text.
 async fn session_rows_as_text(pool: &sqlx::PgPool) -> Vec<String> {
     sqlx::query_scalar("SELECT row_to_json(s)::text FROM sessions s")
