@@ -71,3 +71,44 @@ async fn a_thread_is_served_at_once_while_its_own_connection_cannot_be_made() {
         .unwrap()
         .expect("the worker thread's checks passed");
 }
+
+#[tokio::test]
+async fn connections_to_a_redis_gone_silent_are_replaced_without_a_restart() {
+    // Arrange: the broker reaches Redis through a proxy; a live session.
+    let proxy = StallingProxy::start(&std::env::var("REDIS_URL").unwrap()).await;
+    let proxied = proxy.url.clone();
+    let app = crate::helpers::spawn_app_with(|setup| {
+        setup.settings.redis_url = Some(proxied);
+    })
+    .await;
+    let alice = app.logged_in_browser("alice").await;
+
+    // Act: every Redis connection made so far goes silent (a failover that left the old
+    // master's address unanswered), while new connections reach Redis.
+    proxy.silence_existing();
+
+    // Assert: the session is answered meanwhile (from PostgreSQL once Redis times out), and
+    // within seconds Redis works again: a new login, which needs it, succeeds.
+    let started = Instant::now();
+    loop {
+        let asked = Instant::now();
+        let session = app.get_session(&alice).await;
+        assert_eq!(session.status(), 200);
+        assert!(
+            asked.elapsed() < Duration::from_secs(6),
+            "/session answered after {:?}",
+            asked.elapsed()
+        );
+        let mut browser = crate::helpers::Browser::default();
+        let login = app.get_login(&mut browser, None).await;
+        if login.status() == 302 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "/login still {} 20 s after Redis's connections went silent",
+            login.status()
+        );
+    }
+    app.logged_in_browser("bob").await;
+}

@@ -115,10 +115,10 @@ impl Connections {
 
 #[derive(Clone)]
 pub enum Connection {
-    Single(ConnectionManager),
+    Single(ReplaceableConnection),
     /// Routes each command by its key's hash slot and follows `MOVED`/`ASK` redirections.
     Cluster(ClusterConnection),
-    Sentinel(SentinelConnection),
+    Sentinel(ReplaceableConnection),
 }
 
 impl Connection {
@@ -133,11 +133,9 @@ impl Connection {
     /// Connects, failing fast when Redis does not answer.
     pub async fn connect(topology: RedisTopology) -> RedisResult<Self> {
         match topology {
-            RedisTopology::Single(info) => {
-                let client = redis::Client::open(info)?;
-                let manager = ConnectionManager::new_with_config(client, manager_config()).await?;
-                Ok(Self::Single(manager))
-            }
+            RedisTopology::Single(info) => Ok(Self::Single(
+                ReplaceableConnection::connect(Source::Server(redis::Client::open(info)?)).await?,
+            )),
             RedisTopology::Cluster(nodes) => {
                 let cluster = ClusterClientBuilder::new(nodes)
                     .connection_timeout(CONNECTION_TIMEOUT)
@@ -153,7 +151,8 @@ impl Connection {
                 master_name,
                 master,
             } => Ok(Self::Sentinel(
-                SentinelConnection::connect(sentinels, master_name, master).await?,
+                ReplaceableConnection::connect(Source::sentinel(sentinels, master_name, master)?)
+                    .await?,
             )),
         }
     }
@@ -202,23 +201,40 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// A connection to the master that Sentinel names, asking Sentinel again when the master stops
-/// answering or turns out to be a replica (after a fail-over). The `redis` crate's
-/// `ConnectionManager` alone would keep reconnecting to the old address.
+/// A connection that is replaced by a new one when it stops answering, or, behind Sentinel,
+/// when its master may have moved.
+///
+/// The `redis` crate's `ConnectionManager` reconnects by itself only when the connection is
+/// closed or refused. A server that went silent instead (a fail-over that left the old
+/// master's address unanswered, a network partition, a frozen host) times every command out
+/// and is never replaced: until TCP gives up on the connection, some 15 minutes later, every
+/// login fails and every cache read first waits out the response time-out. Here the first
+/// command that times out replaces it (and behind Sentinel, one that finds the master
+/// unreachable or demoted: Sentinel is asked again, where reconnecting would find the old
+/// address).
 #[derive(Clone)]
-pub struct SentinelConnection {
-    shared: Arc<SentinelShared>,
+pub struct ReplaceableConnection {
+    shared: Arc<Replaceable>,
 }
 
-struct SentinelShared {
-    sentinel: tokio::sync::Mutex<SentinelClient>,
-    /// The current master connection and a generation number, bumped on every re-resolution so
-    /// that many requests failing at once ask Sentinel only once.
+struct Replaceable {
+    source: tokio::sync::Mutex<Source>,
+    /// Which errors call for a new connection.
+    replace_after: fn(&RedisError) -> bool,
+    /// The current connection and a generation number, bumped on every replacement so that
+    /// many requests failing at once replace it only once.
     current: RwLock<(u64, ConnectionManager)>,
 }
 
-impl SentinelConnection {
-    async fn connect(
+/// Where a new connection comes from.
+enum Source {
+    Server(redis::Client),
+    /// The master that Sentinel names at the time.
+    Sentinel(SentinelClient),
+}
+
+impl Source {
+    fn sentinel(
         sentinels: Vec<redis::ConnectionInfo>,
         master_name: String,
         master: redis::ConnectionInfo,
@@ -231,16 +247,40 @@ impl SentinelConnection {
             },
             redis_connection_info: Some(master.redis),
         };
-        let mut sentinel = SentinelClient::build(
+        Ok(Self::Sentinel(SentinelClient::build(
             sentinels,
             master_name,
             Some(node),
             SentinelServerType::Master,
-        )?;
-        let manager = master_connection(&mut sentinel).await?;
+        )?))
+    }
+
+    async fn connect(&mut self) -> RedisResult<ConnectionManager> {
+        let client = match self {
+            Self::Server(client) => client.clone(),
+            Self::Sentinel(sentinel) => sentinel.async_get_client().await?,
+        };
+        ConnectionManager::new_with_config(client, manager_config()).await
+    }
+
+    fn replace_after(&self) -> fn(&RedisError) -> bool {
+        match self {
+            Self::Server(_) => RedisError::is_timeout,
+            Self::Sentinel(_) => master_may_have_moved,
+        }
+    }
+}
+
+impl ReplaceableConnection {
+    async fn connect(mut source: Source) -> RedisResult<Self> {
+        // Boxed: Sentinel's and the connection manager's futures are deep enough that, inlined
+        // into the start-up future, their layout exceeds the compiler's recursion limit in
+        // release builds.
+        let manager = Box::pin(source.connect()).await?;
         Ok(Self {
-            shared: Arc::new(SentinelShared {
-                sentinel: tokio::sync::Mutex::new(sentinel),
+            shared: Arc::new(Replaceable {
+                replace_after: source.replace_after(),
+                source: tokio::sync::Mutex::new(source),
                 current: RwLock::new((0, manager)),
             }),
         })
@@ -253,29 +293,46 @@ impl SentinelConnection {
         }
     }
 
-    /// Asks Sentinel for the master again, unless another request already did since `seen`.
-    async fn reresolve(&self, seen: u64) {
-        let mut sentinel = self.shared.sentinel.lock().await;
+    /// Makes a new connection, unless another request already did since `seen`. When none can
+    /// be made, the current one stays (and reconnects by itself once the server refuses or
+    /// closes it).
+    async fn replace(&self, seen: u64) {
+        let mut source = self.shared.source.lock().await;
         if self.current().0 != seen {
             return;
         }
-        match master_connection(&mut sentinel).await {
+        let behind_sentinel = matches!(*source, Source::Sentinel(_));
+        match source.connect().await {
             Ok(manager) => {
                 let mut current = match self.shared.current.write() {
                     Ok(current) => current,
                     Err(poisoned) => poisoned.into_inner(),
                 };
                 *current = (seen + 1, manager);
-                tracing::info!("reconnected to the Redis master that Sentinel names");
+                if behind_sentinel {
+                    tracing::info!("reconnected to the Redis master that Sentinel names");
+                } else {
+                    tracing::info!("replaced a Redis connection that stopped answering");
+                }
             }
-            Err(error) => tracing::warn!(%error, "Sentinel did not name a reachable Redis master"),
+            Err(error) if behind_sentinel => {
+                tracing::warn!(%error, "Sentinel did not name a reachable Redis master")
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "could not replace a Redis connection that stopped answering"
+            ),
         }
     }
-}
 
-async fn master_connection(sentinel: &mut SentinelClient) -> RedisResult<ConnectionManager> {
-    let client = sentinel.async_get_client().await?;
-    ConnectionManager::new_with_config(client, manager_config()).await
+    /// A command's result, after replacing the connection when the error calls for it.
+    async fn settle<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
+        if matches!(&result, Err(error) if (self.shared.replace_after)(error)) {
+            // This request fails (it may have been applied); the next one uses the new connection.
+            self.replace(generation).await;
+        }
+        result
+    }
 }
 
 /// The error a stale master gives: unreachable, or demoted to a read-only replica.
@@ -287,16 +344,12 @@ fn master_may_have_moved(error: &RedisError) -> bool {
         || error.is_timeout()
 }
 
-impl ConnectionLike for SentinelConnection {
+impl ConnectionLike for ReplaceableConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let (generation, mut connection) = self.current();
             let result = connection.req_packed_command(cmd).await;
-            if matches!(&result, Err(error) if master_may_have_moved(error)) {
-                // This request fails (it may have been applied); the next one goes to the new master.
-                self.reresolve(generation).await;
-            }
-            result
+            self.settle(generation, result).await
         })
     }
 
@@ -311,10 +364,7 @@ impl ConnectionLike for SentinelConnection {
             let result = connection
                 .req_packed_commands(pipeline, offset, count)
                 .await;
-            if matches!(&result, Err(error) if master_may_have_moved(error)) {
-                self.reresolve(generation).await;
-            }
-            result
+            self.settle(generation, result).await
         })
     }
 
