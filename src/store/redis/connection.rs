@@ -2,7 +2,7 @@
 //! unchanged on each: a single server, a Redis Cluster, or a Sentinel-managed master; and one
 //! such connection per thread ([`Connections`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -212,8 +212,14 @@ impl ConnectionLike for Connection {
 /// command that times out replaces it (and behind Sentinel, one that finds the master
 /// unreachable or demoted: Sentinel is asked again, where reconnecting would find the old
 /// address).
+///
+/// Each handle keeps the connection it uses, so a command takes no lock: it compares its
+/// generation with the shared one (an atomic read) and takes the current connection only after
+/// a replacement.
 #[derive(Clone)]
 pub struct ReplaceableConnection {
+    generation: u64,
+    manager: ConnectionManager,
     shared: Arc<Replaceable>,
 }
 
@@ -221,8 +227,10 @@ struct Replaceable {
     source: tokio::sync::Mutex<Source>,
     /// Which errors call for a new connection.
     replace_after: fn(&RedisError) -> bool,
-    /// The current connection and a generation number, bumped on every replacement so that
-    /// many requests failing at once replace it only once.
+    /// Bumped on every replacement, so that many requests failing at once replace the
+    /// connection only once, and handles see that theirs was replaced.
+    generation: AtomicU64,
+    /// The current connection, with the generation it belongs to.
     current: RwLock<(u64, ConnectionManager)>,
 }
 
@@ -278,19 +286,27 @@ impl ReplaceableConnection {
         // release builds.
         let manager = Box::pin(source.connect()).await?;
         Ok(Self {
+            generation: 0,
+            manager: manager.clone(),
             shared: Arc::new(Replaceable {
                 replace_after: source.replace_after(),
                 source: tokio::sync::Mutex::new(source),
+                generation: AtomicU64::new(0),
                 current: RwLock::new((0, manager)),
             }),
         })
     }
 
-    fn current(&self) -> (u64, ConnectionManager) {
-        match self.shared.current.read() {
+    /// Takes the current connection if this handle's was replaced.
+    fn catch_up(&mut self) {
+        if self.shared.generation.load(Ordering::Acquire) == self.generation {
+            return;
+        }
+        let current = match self.shared.current.read() {
             Ok(current) => current.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        };
+        (self.generation, self.manager) = current;
     }
 
     /// Makes a new connection, unless another request already did since `seen`. When none can
@@ -298,7 +314,7 @@ impl ReplaceableConnection {
     /// closes it).
     async fn replace(&self, seen: u64) {
         let mut source = self.shared.source.lock().await;
-        if self.current().0 != seen {
+        if self.shared.generation.load(Ordering::Acquire) != seen {
             return;
         }
         let behind_sentinel = matches!(*source, Source::Sentinel(_));
@@ -309,6 +325,7 @@ impl ReplaceableConnection {
                     Err(poisoned) => poisoned.into_inner(),
                 };
                 *current = (seen + 1, manager);
+                self.shared.generation.store(seen + 1, Ordering::Release);
                 if behind_sentinel {
                     tracing::info!("reconnected to the Redis master that Sentinel names");
                 } else {
@@ -326,10 +343,12 @@ impl ReplaceableConnection {
     }
 
     /// A command's result, after replacing the connection when the error calls for it.
-    async fn settle<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
+    async fn settle<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
         if matches!(&result, Err(error) if (self.shared.replace_after)(error)) {
             // This request fails (it may have been applied); the next one uses the new connection.
-            self.replace(generation).await;
+            // Boxed: making a connection is a large future, and every command's future would
+            // otherwise be as large (allocated and copied per command).
+            Box::pin(self.replace(self.generation)).await;
         }
         result
     }
@@ -347,9 +366,9 @@ fn master_may_have_moved(error: &RedisError) -> bool {
 impl ConnectionLike for ReplaceableConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (generation, mut connection) = self.current();
-            let result = connection.req_packed_command(cmd).await;
-            self.settle(generation, result).await
+            self.catch_up();
+            let result = self.manager.req_packed_command(cmd).await;
+            self.settle(result).await
         })
     }
 
@@ -360,15 +379,16 @@ impl ConnectionLike for ReplaceableConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (generation, mut connection) = self.current();
-            let result = connection
+            self.catch_up();
+            let result = self
+                .manager
                 .req_packed_commands(pipeline, offset, count)
                 .await;
-            self.settle(generation, result).await
+            self.settle(result).await
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.current().1.get_db()
+        self.manager.get_db()
     }
 }
