@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::error::Error;
 use std::path::PathBuf;
 
+use crate::helpers::KUBERNETES_READINESS_PROBE;
+
 type TestResult = Result<(), Box<dyn Error>>;
 
 /// SPEC.md § Configuration: the variables marked "required". (`BROKER_CLIENT_SECRET` is optional there;
@@ -680,7 +682,12 @@ fn kubernetes_deployment_is_locked_down_probed_and_drains() -> TestResult {
         (&port["name"], &port["containerPort"]),
         (&"http".into(), &8080.into())
     );
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+    // Neither probe depends on the stores or the IdP, which every pod shares: an outage must
+    // neither restart every pod nor take every pod out of the Service.
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", KUBERNETES_READINESS_PROBE),
+    ] {
         assert_eq!(
             str_at(container, &[probe, "httpGet", "path"]),
             Some(path),

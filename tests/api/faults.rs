@@ -355,6 +355,12 @@ async fn assert_unavailable(response: reqwest::Response) -> serde_json::Value {
     assert_problem(response, 503).await
 }
 
+/// `/readyz`'s 503, naming `dependency` as the failed check.
+async fn assert_not_ready_with(response: reqwest::Response, dependency: &str) {
+    let body = assert_problem(response, 503).await;
+    assert_eq!(body["checks"][dependency], false, "{body}");
+}
+
 /// Completes a whole login as `user`; the callback's response.
 async fn complete_login(app: &TestApp, user: &str) -> (Browser, reqwest::Response) {
     let mut browser = Browser::default();
@@ -456,8 +462,12 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
     // The login begun before: its pending state cannot be read.
     let response = app.callback(&mut bob, &bob_callback).await;
     assert_login_error_redirect(&response, "/", "unavailable");
-    // /readyz says so.
-    assert_eq!(app.get("/readyz", &alice).await.status(), 503);
+    // /readyz says so; the Kubernetes probe keeps the pod in the Service, which it serves.
+    assert_not_ready_with(app.get("/readyz", &alice).await, "redis").await;
+    assert_eq!(
+        app.get(KUBERNETES_READINESS_PROBE, &alice).await.status(),
+        200
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // Recovery: the same port, empty; no broker restart.
@@ -549,7 +559,11 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
         started.elapsed()
     );
     assert_login_error_redirect(&response, "/", "unavailable");
-    assert_eq!(app.get("/readyz", &alice).await.status(), 503);
+    assert_not_ready_with(app.get("/readyz", &alice).await, "postgres").await;
+    assert_eq!(
+        app.get(KUBERNETES_READINESS_PROBE, &alice).await.status(),
+        200
+    );
     // A session the cache does not know needs PostgreSQL: 503, not 401 (it may well be live).
     let mut stranger = Browser::default();
     stranger.cookies.insert("session".into(), "A".repeat(43));

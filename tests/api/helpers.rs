@@ -16,6 +16,9 @@ use token_broker::startup::Application;
 use url::Url;
 
 pub const FRONTEND: &str = "http://localhost:3000";
+/// The Kubernetes manifests' readiness probe (`deploy/kubernetes/base/deployment.yaml`; the
+/// `deploy_files` tests hold the two together): draining only, none of the shared dependencies.
+pub const KUBERNETES_READINESS_PROBE: &str = "/readyz?exclude=redis,postgres,idp";
 pub const CLIENT_ID: &str = "token-broker-test";
 pub const CLIENT_SECRET: &str = "test-client-secret-4f1e9a";
 

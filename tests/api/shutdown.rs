@@ -112,7 +112,8 @@ async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
 #[tokio::test]
 async fn with_a_shutdown_delay_it_serves_on_with_readyz_503_before_draining() {
     let report = sigterm_under_load(Duration::from_secs(1)).await;
-    assert!(report.readyz_503 >= 3, "{report:?}");
+    assert!(report.readyz_503 >= 2, "{report:?}");
+    assert!(report.probe_503 >= 2, "{report:?}");
     assert!(report.served_after_signal > 20, "{report:?}");
     assert!(report.exited_after >= Duration::from_secs(1), "{report:?}");
     assert!(report.closed_unanswered <= UNANSWERED_AT_MOST, "{report:?}");
@@ -132,7 +133,10 @@ struct Report {
     served_after_signal: usize,
     refused_after_signal: usize,
     closed_unanswered: usize,
+    /// `/readyz` answers 503 after the signal.
     readyz_503: usize,
+    /// The same of the Kubernetes readiness probe's `/readyz?exclude=…`.
+    probe_503: usize,
     readyz_refused: usize,
     exited_after: Duration,
     slow_took: Duration,
@@ -140,7 +144,8 @@ struct Report {
 
 /// Starts the binary, loads it from 8 loops (half on kept-alive connections, half on a new
 /// connection per request), has alice's `/auth` mid-refresh (the IdP's token endpoint takes
-/// 3 s), sends SIGTERM, probes `/readyz` on new connections, and checks what every request got.
+/// 3 s), sends SIGTERM, probes `/readyz` and the Kubernetes readiness probe's path in turn on
+/// new connections, and checks what every request got.
 async fn sigterm_under_load(delay: Duration) -> Report {
     // Arrange: the binary serving two logged-in users; alice's access token expired and the
     // IdP's token endpoint slow, so her /auth will be mid-refresh when the signal comes.
@@ -149,10 +154,12 @@ async fn sigterm_under_load(delay: Duration) -> Report {
     let bob = app.logged_in_browser("bob").await;
     let (process, base) = spawn_binary(&app, &format!("{}s", delay.as_secs())).await;
     let probe = client(false);
-    assert_eq!(
-        outcome(probe.get(format!("{base}/readyz"))).await,
-        Outcome::Status(200)
-    );
+    for path in ["/readyz", KUBERNETES_READINESS_PROBE] {
+        assert_eq!(
+            outcome(probe.get(format!("{base}{path}"))).await,
+            Outcome::Status(200)
+        );
+    }
     assert_eq!(
         forward_auth(&probe, &base, &bob).await.status(),
         200,
@@ -213,7 +220,8 @@ async fn sigterm_under_load(delay: Duration) -> Report {
     let exit = tokio::spawn(process.terminate());
     let mut readyz = Vec::new();
     while !exit.is_finished() && signal_at.elapsed() < Duration::from_secs(30) {
-        let answer = outcome(probe.get(format!("{base}/readyz"))).await;
+        let path = ["/readyz", KUBERNETES_READINESS_PROBE][readyz.len() % 2];
+        let answer = outcome(probe.get(format!("{base}{path}"))).await;
         readyz.push((signal_at.elapsed(), answer.clone()));
         if answer == Outcome::Refused {
             break;
@@ -236,13 +244,13 @@ async fn sigterm_under_load(delay: Duration) -> Report {
     );
     assert_eq!(
         slow_status, 200,
-        "the refresh in flight at SIGTERM finished"
+        "the refresh in flight at SIGTERM finished; the broker's output: {output}"
     );
     assert!(slow_took >= Duration::from_secs(3), "{slow_took:?}");
     assert!(output.contains("shutdown signal received"), "{output}");
 
-    // /readyz: 503 from the signal on (a probe already on its way may still see 200), never 200
-    // after a 503, refused once the listener is closed.
+    // Both readiness paths: 503 from the signal on (a probe already on its way may still see
+    // 200), never 200 after a 503, refused once the listener is closed.
     let first_503 = readyz.iter().position(|(_, o)| *o == Outcome::Status(503));
     for (i, (at, answer)) in readyz.iter().enumerate() {
         match answer {
@@ -270,6 +278,13 @@ async fn sigterm_under_load(delay: Duration) -> Report {
         closed_unanswered: 0,
         readyz_503: readyz
             .iter()
+            .step_by(2)
+            .filter(|(_, o)| *o == Outcome::Status(503))
+            .count(),
+        probe_503: readyz
+            .iter()
+            .skip(1)
+            .step_by(2)
             .filter(|(_, o)| *o == Outcome::Status(503))
             .count(),
         readyz_refused: readyz
