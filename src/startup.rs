@@ -55,10 +55,11 @@ impl Stores {
     /// Redis and PostgreSQL, migrating first unless `BROKER_RUN_MIGRATIONS=false`.
     pub async fn connect(config: &Config) -> Result<Self, StartupError> {
         let cipher = Cipher::new(&config.encryption_keys);
-        let pool = postgres::connect_lazy(config.database_url.secret(), config.database_timeout)
-            .map_err(StartupError::Database)?;
+        let pools =
+            postgres::Pools::per_thread(config.database_url.secret(), config.database_timeout)
+                .map_err(StartupError::Database)?;
         if config.run_migrations {
-            postgres::migrate(&pool).await?;
+            postgres::migrate(pools.get()).await?;
         }
         let redis = RedisStore::connect(
             config.redis_url.secret(),
@@ -72,7 +73,7 @@ impl Stores {
             logins: redis.clone(),
             cache: redis,
             sessions: Arc::new(PgSessionRepository::new(
-                pool,
+                pools,
                 cipher,
                 config.database_timeout,
             )),

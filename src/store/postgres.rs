@@ -5,14 +5,16 @@
 //! Queries use sqlx's runtime API; each one is exercised by the integration tests against a real
 //! PostgreSQL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, Row};
+use thread_local::ThreadLocal;
 use uuid::Uuid;
 
 use super::{
@@ -55,9 +57,16 @@ const SILENCE_GRACE: Duration = Duration::from_secs(1);
 /// up the server's connections. (Set after connecting, not by a startup `options` parameter,
 /// which poolers such as PgBouncer refuse.)
 pub fn connect_lazy(url: &str, time_out: Duration) -> Result<PgPool, StoreError> {
+    Ok(pool_options(time_out, MAX_CONNECTIONS).connect_lazy(url)?)
+}
+
+/// At most this many connections per replica (a little more with many cores: see [`Pools`]).
+const MAX_CONNECTIONS: u32 = 16;
+
+fn pool_options(time_out: Duration, max_connections: u32) -> PgPoolOptions {
     let statement_timeout = format!("{}ms", time_out.as_millis());
-    Ok(PgPoolOptions::new()
-        .max_connections(16)
+    PgPoolOptions::new()
+        .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT.min(time_out))
         .test_before_acquire(false)
         .after_connect(move |connection, _| {
@@ -78,7 +87,67 @@ pub fn connect_lazy(url: &str, time_out: Duration) -> Result<PgPool, StoreError>
                 Ok(true)
             })
         })
-        .connect_lazy(url)?)
+}
+
+/// The broker's PostgreSQL connections: a pool per thread that uses them, or one pool for all
+/// (tools and tests that bring their own).
+///
+/// An actix worker is a single-threaded runtime, and a connection's socket belongs to the
+/// runtime that opened it: that runtime's thread is woken for its readiness and wakes the task
+/// waiting on it. One pool shared by the workers meant (1) that a query on a connection another
+/// worker had opened woke that worker's thread first (two context switches more per round trip:
+/// the cold `/session` path), and (2) that during a graceful shutdown, once an idle worker's
+/// runtime had stopped, a request still draining on another worker failed (503) on a connection
+/// the stopped runtime had opened ("A Tokio 1.x context was found, but it is being shutdown").
+/// With a pool per thread, a thread's queries use connections it opened.
+///
+/// The per-replica bound of [`MAX_CONNECTIONS`] is split between the threads (the workers, one
+/// per core, and the main thread, which runs the background work), at least two each: with
+/// more than seven cores a replica may hold two per thread.
+#[derive(Clone)]
+pub enum Pools {
+    Shared(PgPool),
+    PerThread(Arc<PerThreadPools>),
+}
+
+pub struct PerThreadPools {
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+    pools: ThreadLocal<PgPool>,
+}
+
+impl Pools {
+    /// A pool per thread, opened lazily on each thread's first use (start-up does not fail
+    /// while PostgreSQL is still coming up; `/readyz` reports it instead). `time_out`: as for
+    /// [`connect_lazy`].
+    pub fn per_thread(url: &str, time_out: Duration) -> Result<Self, StoreError> {
+        let threads = std::thread::available_parallelism().map_or(1, |cores| cores.get()) + 1;
+        let per_thread = (MAX_CONNECTIONS / u32::try_from(threads).unwrap_or(u32::MAX)).max(2);
+        Ok(Self::PerThread(Arc::new(PerThreadPools {
+            options: pool_options(time_out, per_thread),
+            connect: url.parse()?,
+            pools: ThreadLocal::new(),
+        })))
+    }
+
+    /// The calling thread's pool.
+    pub fn get(&self) -> &PgPool {
+        match self {
+            Self::Shared(pool) => pool,
+            Self::PerThread(per_thread) => per_thread.pools.get_or(|| {
+                per_thread
+                    .options
+                    .clone()
+                    .connect_lazy_with(per_thread.connect.clone())
+            }),
+        }
+    }
+}
+
+impl From<PgPool> for Pools {
+    fn from(pool: PgPool) -> Self {
+        Self::Shared(pool)
+    }
 }
 
 /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while it migrates, so
@@ -98,7 +167,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 #[derive(Clone)]
 pub struct PgSessionRepository {
-    pool: PgPool,
+    pools: Pools,
     cipher: Cipher,
     /// The most one operation may take ([`PgSessionRepository::within_time_out`]).
     time_out: Duration,
@@ -111,16 +180,12 @@ fn associated_data(id: Uuid, column: &str) -> Vec<u8> {
 impl PgSessionRepository {
     /// `time_out`: the most one operation may take; the pool's connections should have it as
     /// their `statement_timeout` ([`connect_lazy`]).
-    pub fn new(pool: PgPool, cipher: Cipher, time_out: Duration) -> Self {
+    pub fn new(pools: impl Into<Pools>, cipher: Cipher, time_out: Duration) -> Self {
         Self {
-            pool,
+            pools: pools.into(),
             cipher,
             time_out,
         }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     /// Runs one operation (its statements, its transaction) on a pooled connection, and gives
@@ -137,7 +202,7 @@ impl PgSessionRepository {
         &self,
         operation: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut connection: PoolConnection<Postgres> = self.pool.acquire().await?;
+        let mut connection: PoolConnection<Postgres> = self.pools.get().acquire().await?;
         let limit = self.time_out + SILENCE_GRACE;
         match tokio::time::timeout(limit, operation(&mut connection)).await {
             Ok(outcome) => outcome,
