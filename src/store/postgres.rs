@@ -121,10 +121,9 @@ impl Pools {
     /// while PostgreSQL is still coming up; `/readyz` reports it instead). `time_out`: as for
     /// [`connect_lazy`].
     pub fn per_thread(url: &str, time_out: Duration) -> Result<Self, StoreError> {
-        let threads = std::thread::available_parallelism().map_or(1, |cores| cores.get()) + 1;
-        let per_thread = (MAX_CONNECTIONS / u32::try_from(threads).unwrap_or(u32::MAX)).max(2);
+        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
         Ok(Self::PerThread(Arc::new(PerThreadPools {
-            options: pool_options(time_out, per_thread),
+            options: pool_options(time_out, connections_per_thread(cores + 1)),
             connect: url.parse()?,
             pools: ThreadLocal::new(),
         })))
@@ -142,6 +141,11 @@ impl Pools {
             }),
         }
     }
+}
+
+/// [`MAX_CONNECTIONS`] split between `threads`, at least two each.
+fn connections_per_thread(threads: usize) -> u32 {
+    (MAX_CONNECTIONS / u32::try_from(threads.max(1)).unwrap_or(u32::MAX)).max(2)
 }
 
 impl From<PgPool> for Pools {
@@ -773,5 +777,24 @@ impl SessionRepository for PgSessionRepository {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicas_connections_are_split_between_its_threads_two_at_least() {
+        // A worker per core, and the main thread.
+        let per_thread = |cores: usize| connections_per_thread(cores + 1);
+        assert_eq!(per_thread(1), 8);
+        assert_eq!(per_thread(2), 5);
+        assert_eq!(per_thread(3), 4);
+        assert_eq!(per_thread(7), 2);
+        assert_eq!(per_thread(64), 2);
+        for cores in 1..=7 {
+            assert!(per_thread(cores) * u32::try_from(cores + 1).unwrap() <= MAX_CONNECTIONS);
+        }
     }
 }

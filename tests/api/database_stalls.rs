@@ -129,8 +129,8 @@ async fn connections_gone_silent_cost_a_503_in_time_and_never_hold_the_pool() {
         browsers.push(app.logged_in_browser(&format!("user-{user}")).await);
     }
     delete_redis_keys(&app).await;
-    // Every one of the pool's 16 connections is made and in the pool: 24 cold `/session`s wait
-    // together behind a lock, then all are answered.
+    // Every connection the workers' pools may hold (16 per replica, split between its threads)
+    // is made and idle: 24 cold `/session`s wait together behind a lock, then all are answered.
     let mut admin = sqlx::PgConnection::connect(&app.database.url)
         .await
         .unwrap();
