@@ -74,6 +74,22 @@ fn excluded_dependencies(query: &str) -> Result<Vec<Dependency>, ApiError> {
     Ok(excluded)
 }
 
+/// Whether `dependency` answers (`ping`), or `None` when it is excluded (and not asked).
+async fn check<T, E: std::fmt::Display>(
+    excluded: &[Dependency],
+    dependency: Dependency,
+    ping: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<bool> {
+    if excluded.contains(&dependency) {
+        return None;
+    }
+    Some(
+        ping.await
+            .map_err(|error| tracing::warn!(%error, ?dependency, "readiness check failed"))
+            .is_ok(),
+    )
+}
+
 /// Each check's outcome; a check left out with `?exclude=` is absent.
 #[derive(Serialize, ToSchema)]
 pub struct ReadinessChecks {
@@ -122,41 +138,10 @@ pub async fn readyz(
     readiness: web::Data<Readiness>,
 ) -> Result<HttpResponse, ApiError> {
     let excluded = excluded_dependencies(request.query_string())?;
-    let checked = |dependency| !excluded.contains(&dependency);
     let (redis, postgres, idp) = tokio::join!(
-        async {
-            if !checked(Dependency::Redis) {
-                return None;
-            }
-            let outcome = broker.cache.ping().await;
-            Some(
-                outcome
-                    .map_err(|e| tracing::warn!(error = %e, "readiness: Redis"))
-                    .is_ok(),
-            )
-        },
-        async {
-            if !checked(Dependency::Postgres) {
-                return None;
-            }
-            let outcome = broker.sessions.ping().await;
-            Some(
-                outcome
-                    .map_err(|e| tracing::warn!(error = %e, "readiness: PostgreSQL"))
-                    .is_ok(),
-            )
-        },
-        async {
-            if !checked(Dependency::Idp) {
-                return None;
-            }
-            let outcome = broker.provider.metadata().await;
-            Some(
-                outcome
-                    .map_err(|e| tracing::warn!(error = %e, "readiness: IdP discovery"))
-                    .is_ok(),
-            )
-        },
+        check(&excluded, Dependency::Redis, broker.cache.ping()),
+        check(&excluded, Dependency::Postgres, broker.sessions.ping()),
+        check(&excluded, Dependency::Idp, broker.provider.metadata()),
     );
     let checks = ReadinessChecks {
         redis,
