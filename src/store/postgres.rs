@@ -4,6 +4,10 @@
 //! name as associated data, so a ciphertext copied into another row or column does not open.
 //! Queries use sqlx's runtime API; each one is exercised by the integration tests against a real
 //! PostgreSQL.
+//!
+//! It also owns the connections: a pool per thread ([`Pools`]), and a time bound on every
+//! operation (`BROKER_DATABASE_TIMEOUT`: PostgreSQL's `statement_timeout`, and
+//! `PgSessionRepository::within_time_out` for a server that stops answering).
 
 use std::sync::Arc;
 use std::time::Duration;

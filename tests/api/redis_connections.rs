@@ -112,3 +112,42 @@ async fn connections_to_a_redis_gone_silent_are_replaced_without_a_restart() {
     }
     app.logged_in_browser("bob").await;
 }
+
+#[tokio::test]
+async fn with_redis_hung_each_request_waits_for_one_time_out_not_for_each_others() {
+    // Arrange: the broker reaches Redis through a proxy; a live session.
+    let proxy = StallingProxy::start(&std::env::var("REDIS_URL").unwrap()).await;
+    let proxied = proxy.url.clone();
+    let app = crate::helpers::spawn_app_with(|setup| {
+        setup.settings.redis_url = Some(proxied);
+    })
+    .await;
+    let alice = app.logged_in_browser("alice").await;
+
+    // Act: Redis hangs altogether (its connections go silent, new ones are never answered),
+    // and two dozen requests come at once.
+    proxy.hang_new.store(true, Ordering::SeqCst);
+    proxy.silence_existing();
+    let requests: Vec<_> = (0..24)
+        .map(|_| {
+            let (http, url, cookie) = (
+                app.http.clone(),
+                format!("{}/session", app.address),
+                alice.cookie_header(),
+            );
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = http.get(url).header("cookie", cookie).send().await.unwrap();
+                (response.status(), started.elapsed())
+            })
+        })
+        .collect();
+
+    // Assert: each is answered from PostgreSQL after its own time-out (2 s) and at most one
+    // attempt at a new connection (2 s), not after the attempts of the requests before it.
+    for request in requests {
+        let (status, took) = request.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_secs(7), "answered after {took:?}");
+    }
+}

@@ -309,11 +309,15 @@ impl ReplaceableConnection {
         (self.generation, self.manager) = current;
     }
 
-    /// Makes a new connection, unless another request already did since `seen`. When none can
-    /// be made, the current one stays (and reconnects by itself once the server refuses or
-    /// closes it).
+    /// Makes a new connection, unless another request already did since `seen` or is making one
+    /// now: one attempt at a time, and no request waits for another's (with Redis hung, new
+    /// connections time out too, and requests queued behind each other's attempts would wait
+    /// two seconds more for each one ahead). When none can be made, the current one stays (and
+    /// reconnects by itself once the server refuses or closes it).
     async fn replace(&self, seen: u64) {
-        let mut source = self.shared.source.lock().await;
+        let Ok(mut source) = self.shared.source.try_lock() else {
+            return;
+        };
         if self.shared.generation.load(Ordering::Acquire) != seen {
             return;
         }
