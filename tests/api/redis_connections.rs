@@ -1,6 +1,8 @@
-//! Redis connections per thread (`src/store/redis/connection.rs`): a thread is served by the
-//! start-up connection until its own is made in the background, so no request waits for a
-//! connection to be made, not even when Redis stops answering new connections.
+//! Redis connections (`src/store/redis/connection.rs`): a thread is served by the start-up
+//! connection until its own is made in the background, so no request waits for a connection to
+//! be made, not even when Redis stops answering new connections; a connection that goes silent
+//! is replaced at its first time-out; and with Redis hung, no request waits for another's attempt
+//! at a new connection.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
