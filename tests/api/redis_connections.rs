@@ -74,9 +74,12 @@ async fn a_thread_is_served_at_once_while_its_own_connection_cannot_be_made() {
         .expect("the worker thread's checks passed");
 }
 
-#[tokio::test]
-async fn connections_to_a_redis_gone_silent_are_replaced_without_a_restart() {
-    // Arrange: the broker reaches Redis through a proxy; a live session.
+/// The broker reaching Redis through a [`StallingProxy`], and alice logged in.
+async fn app_behind_a_redis_proxy() -> (
+    StallingProxy,
+    crate::helpers::TestApp,
+    crate::helpers::Browser,
+) {
     let proxy = StallingProxy::start(&std::env::var("REDIS_URL").unwrap()).await;
     let proxied = proxy.url.clone();
     let app = crate::helpers::spawn_app_with(|setup| {
@@ -84,6 +87,13 @@ async fn connections_to_a_redis_gone_silent_are_replaced_without_a_restart() {
     })
     .await;
     let alice = app.logged_in_browser("alice").await;
+    (proxy, app, alice)
+}
+
+#[tokio::test]
+async fn connections_to_a_redis_gone_silent_are_replaced_without_a_restart() {
+    // Arrange: the broker reaches Redis through a proxy; a live session.
+    let (proxy, app, alice) = app_behind_a_redis_proxy().await;
 
     // Act: every Redis connection made so far goes silent (a failover that left the old
     // master's address unanswered), while new connections reach Redis.
@@ -118,13 +128,7 @@ async fn connections_to_a_redis_gone_silent_are_replaced_without_a_restart() {
 #[tokio::test]
 async fn with_redis_hung_each_request_waits_for_one_time_out_not_for_each_others() {
     // Arrange: the broker reaches Redis through a proxy; a live session.
-    let proxy = StallingProxy::start(&std::env::var("REDIS_URL").unwrap()).await;
-    let proxied = proxy.url.clone();
-    let app = crate::helpers::spawn_app_with(|setup| {
-        setup.settings.redis_url = Some(proxied);
-    })
-    .await;
-    let alice = app.logged_in_browser("alice").await;
+    let (proxy, app, alice) = app_behind_a_redis_proxy().await;
 
     // Act: Redis hangs altogether (its connections go silent, new ones are never answered),
     // and two dozen requests come at once.
