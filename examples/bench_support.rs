@@ -27,7 +27,7 @@ use reqwest::header::COOKIE;
 use token_broker::crypto::{random_token, Cipher, EncryptionKey};
 use token_broker::dev_idp::{DevIdp, DevIdpOptions, SigningAlg};
 use token_broker::domain::{AccessToken, IdToken, RefreshToken, SessionId, UserClaims};
-use token_broker::store::postgres::PgSessionRepository;
+use token_broker::store::postgres::{Connections, PgSessionRepository};
 use token_broker::store::{CachedAccessToken, SessionRecord, SessionRepository};
 
 #[path = "common/http.rs"]
@@ -113,13 +113,12 @@ async fn seed_sessions(
         .parse::<sqlx::postgres::PgConnectOptions>()
         .map_err(std::io::Error::other)?
         .options([("synchronous_commit", "off")]);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .connect_with(options)
-        .await
-        .map_err(std::io::Error::other)?;
-    let repository =
-        PgSessionRepository::new(pool, Cipher::new(&keys), std::time::Duration::from_secs(30));
+    let time_out = std::time::Duration::from_secs(30);
+    let repository = PgSessionRepository::new(
+        Connections::new(options, 16, time_out),
+        Cipher::new(&keys),
+        time_out,
+    );
     let mut cookies = std::io::BufWriter::new(std::fs::File::create(cookie_file)?);
     // Tokens the size of real ones: an RS256 ID token with a few claims, opaque access and
     // refresh tokens.

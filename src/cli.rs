@@ -174,11 +174,11 @@ async fn run_command(cli: Cli) -> std::process::ExitCode {
                 return fail("DATABASE_URL: is required (set it or pass --database-url)");
             };
             // The pool's time-out does not matter here: migrations run without one.
-            let pool = match postgres::connect_lazy(url, std::time::Duration::from_secs(5)) {
-                Ok(pool) => pool,
+            let pools = match postgres::Pools::shared(url, std::time::Duration::from_secs(5)) {
+                Ok(pools) => pools,
                 Err(error) => return fail(&format!("DATABASE_URL: {error}")),
             };
-            match postgres::migrate(&pool).await {
+            match postgres::migrate(pools.get()).await {
                 Ok(()) => {
                     tracing::info!("migrations applied");
                     std::process::ExitCode::SUCCESS

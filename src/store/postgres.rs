@@ -5,21 +5,21 @@
 //! Queries use sqlx's runtime API; each one is exercised by the integration tests against a real
 //! PostgreSQL.
 //!
-//! It also owns the connections: a pool per thread ([`Pools`]), and a time bound on every
-//! operation (`BROKER_DATABASE_TIMEOUT`: PostgreSQL's `statement_timeout`, and
-//! `PgSessionRepository::within_time_out` for a server that stops answering).
+//! It also bounds the time of every operation (`BROKER_DATABASE_TIMEOUT`: PostgreSQL's
+//! `statement_timeout`, and `PgSessionRepository::within_time_out` for a server that stops
+//! answering); the connections themselves are [`connections`]' (a small pool per thread).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Postgres, Row};
-use thread_local::ThreadLocal;
+use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{Connection, Row};
 use uuid::Uuid;
+
+mod connections;
+pub use connections::{Connections, Pools};
 
 use super::{
     CachedAccessToken, CachedSession, LeaseAttempt, RefreshCommit, RefreshedTokens, ResealOutcome,
@@ -31,146 +31,24 @@ use crate::domain::{AccessToken, IdToken, RefreshToken, SessionIdHash, UserClaim
 /// The migrations of `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// A pooled connection idle for this long is pinged before it is handed out.
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
-
-/// The longest wait for a pooled connection (capped at the database time-out): when none can
-/// be had, because PostgreSQL refuses connections or all of them are busy.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// How much longer than PostgreSQL's own `statement_timeout` the broker waits for an answer
 /// before it gives the connection up: a statement PostgreSQL cancelled comes back as an error
 /// on a healthy connection, and that should arrive first.
 const SILENCE_GRACE: Duration = Duration::from_secs(1);
-
-/// Opens a pool. Connections are made lazily, so start-up does not fail while PostgreSQL is
-/// still coming up; `/readyz` reports it instead.
-///
-/// sqlx pings a connection when it goes back to the pool (in the background) and, by default,
-/// again before handing it out: a round trip in front of every query (on the cold `/session`
-/// path, a Redis miss, a fourth beside Redis's read, the row's `SELECT` and Redis's write). Here
-/// only a connection idle for [`PING_WHEN_IDLE_FOR`] is pinged again: that is the one a
-/// PostgreSQL restart or a dropped idle TCP connection may have killed since its last ping, and
-/// when the ping fails sqlx closes it and hands out another, so the caller never sees it. One
-/// that dies within the second fails its query, as a connection that dies during a query always
-/// does.
-///
-/// Every connection gets `statement_timeout` = `time_out` when it is made, so PostgreSQL itself
-/// cancels a statement that waits (on a lock an operator holds, say) or works longer; without it,
-/// each request given up on would leave a backend waiting behind, and enough of them would use
-/// up the server's connections. (Set after connecting, not by a startup `options` parameter,
-/// which poolers such as PgBouncer refuse.)
-pub fn connect_lazy(url: &str, time_out: Duration) -> Result<PgPool, StoreError> {
-    Ok(pool_options(time_out, MAX_CONNECTIONS).connect_lazy(url)?)
-}
-
-/// At most this many connections per replica (a little more with many cores: see [`Pools`]).
-const MAX_CONNECTIONS: u32 = 16;
-
-fn pool_options(time_out: Duration, max_connections: u32) -> PgPoolOptions {
-    let statement_timeout = format!("{}ms", time_out.as_millis());
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT.min(time_out))
-        .test_before_acquire(false)
-        .after_connect(move |connection, _| {
-            let statement_timeout = statement_timeout.clone();
-            Box::pin(async move {
-                sqlx::query("SELECT set_config('statement_timeout', $1, false)")
-                    .bind(statement_timeout)
-                    .execute(connection)
-                    .await?;
-                Ok(())
-            })
-        })
-        .before_acquire(|connection, metadata| {
-            Box::pin(async move {
-                if metadata.idle_for >= PING_WHEN_IDLE_FOR {
-                    sqlx::Connection::ping(connection).await?;
-                }
-                Ok(true)
-            })
-        })
-}
-
-/// The broker's PostgreSQL connections: a pool per thread that uses them, or one pool for all
-/// (tools and tests that bring their own).
-///
-/// An actix worker is a single-threaded runtime, and a connection's socket belongs to the
-/// runtime that opened it: that runtime's thread is woken for its readiness and wakes the task
-/// waiting on it. One pool shared by the workers meant (1) that a query on a connection another
-/// worker had opened woke that worker's thread first (two context switches more per round trip:
-/// the cold `/session` path), and (2) that during a graceful shutdown, once an idle worker's
-/// runtime had stopped, a request still draining on another worker failed (503) on a connection
-/// the stopped runtime had opened ("A Tokio 1.x context was found, but it is being shutdown").
-/// With a pool per thread, a thread's queries use connections it opened.
-///
-/// The per-replica bound of [`MAX_CONNECTIONS`] is split between the threads (the workers, one
-/// per core, and the main thread, which runs the background work), at least two each: with
-/// more than seven cores a replica may hold two per thread.
-#[derive(Clone)]
-pub enum Pools {
-    Shared(PgPool),
-    PerThread(Arc<PerThreadPools>),
-}
-
-pub struct PerThreadPools {
-    options: PgPoolOptions,
-    connect: PgConnectOptions,
-    pools: ThreadLocal<PgPool>,
-}
-
-impl Pools {
-    /// A pool per thread, opened lazily on each thread's first use (start-up does not fail
-    /// while PostgreSQL is still coming up; `/readyz` reports it instead). `time_out`: as for
-    /// [`connect_lazy`].
-    pub fn per_thread(url: &str, time_out: Duration) -> Result<Self, StoreError> {
-        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
-        Ok(Self::PerThread(Arc::new(PerThreadPools {
-            options: pool_options(time_out, connections_per_thread(cores + 1)),
-            connect: url.parse()?,
-            pools: ThreadLocal::new(),
-        })))
-    }
-
-    /// The calling thread's pool.
-    pub fn get(&self) -> &PgPool {
-        match self {
-            Self::Shared(pool) => pool,
-            Self::PerThread(per_thread) => per_thread.pools.get_or(|| {
-                per_thread
-                    .options
-                    .clone()
-                    .connect_lazy_with(per_thread.connect.clone())
-            }),
-        }
-    }
-}
-
-/// [`MAX_CONNECTIONS`] split between `threads`, at least two each.
-fn connections_per_thread(threads: usize) -> u32 {
-    (MAX_CONNECTIONS / u32::try_from(threads.max(1)).unwrap_or(u32::MAX)).max(2)
-}
-
-impl From<PgPool> for Pools {
-    fn from(pool: PgPool) -> Self {
-        Self::Shared(pool)
-    }
-}
 
 /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while it migrates, so
 /// replicas that start at the same moment wait for each other instead of colliding.
 ///
 /// Without a statement time-out: a migration may rewrite every session, and a replica may wait
 /// for another's migration as long as that takes. The connection that ran them is closed, not
-/// returned to the pool with its time-out off.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    let mut connection = pool.acquire().await?;
-    connection.close_on_drop();
+/// put back with its time-out off.
+pub async fn migrate(connections: &Connections) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut checkout = connections.checkout().await?;
+    let connection = checkout.connection();
     sqlx::raw_sql("SET statement_timeout = 0")
         .execute(&mut *connection)
         .await?;
-    MIGRATOR.run(&mut *connection).await
+    MIGRATOR.run(connection).await
 }
 
 #[derive(Clone)]
@@ -186,8 +64,8 @@ fn associated_data(id: Uuid, column: &str) -> Vec<u8> {
 }
 
 impl PgSessionRepository {
-    /// `time_out`: the most one operation may take; the pool's connections should have it as
-    /// their `statement_timeout` ([`connect_lazy`]).
+    /// `time_out`: the most one operation may take; the connections should have it as their
+    /// `statement_timeout` ([`Connections::new`]).
     pub fn new(pools: impl Into<Pools>, cipher: Cipher, time_out: Duration) -> Self {
         Self {
             pools: pools.into(),
@@ -196,29 +74,28 @@ impl PgSessionRepository {
         }
     }
 
-    /// Runs one operation (its statements, its transaction) on a pooled connection, and gives
-    /// it up when PostgreSQL has not answered within the time-out (plus [`SILENCE_GRACE`]):
-    /// a server that went silent (a network partition, a failover that left the old primary's
-    /// address unanswered, a frozen host) costs a request a 503, never a hang.
+    /// Runs one operation (its statements, its transaction) on one of the thread's connections,
+    /// and gives it up when PostgreSQL has not answered within the time-out (plus
+    /// [`SILENCE_GRACE`]): a server that went silent (a network partition, a failover that left
+    /// the old primary's address unanswered, a frozen host) costs a request a 503, never a hang.
     ///
-    /// A connection whose operation was given up on is closed, not returned to the pool: sqlx
-    /// pings every returned connection first, and that ping would wait as long as the server
-    /// stays silent (for a peer that is gone for good, until TCP gives up, about 15 minutes),
-    /// holding its place in the pool; sixteen such places and no request could get a
-    /// connection, even once a new primary answers.
+    /// A connection whose operation was given up on is closed, not put back: nothing waits on
+    /// a silent server holding a place among the connections (sixteen such places, and no
+    /// request could get a connection even once a new primary answers).
     async fn within_time_out<T>(
         &self,
         operation: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut connection: PoolConnection<Postgres> = self.pools.get().acquire().await?;
+        let mut checkout = self.pools.get().checkout().await?;
         let limit = self.time_out + SILENCE_GRACE;
-        match tokio::time::timeout(limit, operation(&mut connection)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                connection.close_on_drop();
-                Err(StoreError::PostgresSilent(limit))
-            }
-        }
+        let run = async move {
+            let outcome = operation(checkout.connection()).await;
+            checkout.give_back().await;
+            outcome
+        };
+        tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or(Err(StoreError::PostgresSilent(limit)))
     }
 
     /// Seals a row's tokens under the current key.
@@ -781,24 +658,5 @@ impl SessionRepository for PgSessionRepository {
             Ok(())
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_replicas_connections_are_split_between_its_threads_two_at_least() {
-        // A worker per core, and the main thread.
-        let per_thread = |cores: usize| connections_per_thread(cores + 1);
-        assert_eq!(per_thread(1), 8);
-        assert_eq!(per_thread(2), 5);
-        assert_eq!(per_thread(3), 4);
-        assert_eq!(per_thread(7), 2);
-        assert_eq!(per_thread(64), 2);
-        for cores in 1..=7 {
-            assert!(per_thread(cores) * u32::try_from(cores + 1).unwrap() <= MAX_CONNECTIONS);
-        }
     }
 }

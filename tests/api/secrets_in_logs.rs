@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use token_broker::crypto::{Cipher, EncryptionKey};
 use token_broker::dev_idp::{DevIdp, DevIdpOptions};
 use token_broker::domain::SessionId;
-use token_broker::store::postgres::PgSessionRepository;
+use token_broker::store::postgres::{PgSessionRepository, Pools};
 use token_broker::store::SessionRepository;
 use url::Url;
 
@@ -174,10 +174,11 @@ async fn the_log_of_a_whole_session_contains_no_secret() {
     let cookie = user.browser.session().unwrap().clone();
     let binding = user.browser.cookies["login-binding"].clone();
     let hash = SessionId::parse(&cookie).unwrap().hash();
+    let time_out = std::time::Duration::from_secs(5);
     let repository = PgSessionRepository::new(
-        database.pool().await,
+        Pools::shared(&database.url, time_out).unwrap(),
         cipher.clone(),
-        std::time::Duration::from_secs(5),
+        time_out,
     );
     let record = repository
         .find(&hash)
