@@ -211,7 +211,7 @@ impl Broker {
         // PostgreSQL is the truth; the caches only save work, so their failure is not the login's.
         if let Err(error) = self
             .cache
-            .put(&hash, &record.view(), self.cache_ttl(&record.view(), now))
+            .put_missing(&hash, &record.view(), self.cache_ttl(&record.view(), now))
             .await
         {
             self.metrics.store_error(&error);

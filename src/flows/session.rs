@@ -133,7 +133,9 @@ impl Broker {
             self.touches.record(session.id, hash, now);
         }
         if stale || !from_cache {
-            self.cache_view_after_response(hash, &session, now);
+            // Redis answered that it holds nothing for the session: it may only fill the gap.
+            let missing = !from_cache && redis_answered;
+            self.cache_view_after_response(hash, &session, now, missing);
         }
         let view = SessionView {
             expires_at: self.session_end(&session),
@@ -148,12 +150,14 @@ impl Broker {
     /// a request that comes first reads PostgreSQL again. The write cannot bring an ended
     /// session back either: it is refused where a tombstone is (`SessionCache::put`), and a
     /// tombstone outlives any such task by far. A task waits at most Redis's response
-    /// time-out, as the request would have.
+    /// time-out, as the request would have. `missing`: Redis answered that it held nothing for
+    /// the session, so the write only fills that gap (`SessionCache::put_missing`: cheaper).
     fn cache_view_after_response(
         &self,
         hash: &SessionIdHash,
         session: &CachedSession,
         now: DateTime<Utc>,
+        missing: bool,
     ) {
         let ttl = self.cache_ttl(session, now);
         let (cache, metrics, hash, session) = (
@@ -163,7 +167,12 @@ impl Broker {
             session.clone(),
         );
         tokio::spawn(async move {
-            if let Err(error) = cache.put(&hash, &session, ttl).await {
+            let written = if missing {
+                cache.put_missing(&hash, &session, ttl).await
+            } else {
+                cache.put(&hash, &session, ttl).await
+            };
+            if let Err(error) = written {
                 metrics.store_error(&error);
                 tracing::warn!(%error, "could not cache the session");
             }

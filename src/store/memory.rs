@@ -132,6 +132,23 @@ impl SessionCache for MemoryStore {
         Ok(())
     }
 
+    async fn put_missing(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = self.deadline(ttl);
+        let now = self.clock.now();
+        let mut maps = self.maps();
+        let held = matches!(maps.cache.get(hash), Some((_, until)) if *until > now);
+        if !held {
+            maps.cache
+                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
+        }
+        Ok(())
+    }
+
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
         let deadline = self.deadline(Duration::from_secs(3600));
         let mut maps = self.maps();
@@ -423,5 +440,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.get(&hash).await.unwrap(), CacheLookup::Ended);
+    }
+
+    #[tokio::test]
+    async fn a_view_put_after_a_miss_fills_the_gap_only() {
+        let clock = Arc::new(ManualClock::new(Utc::now()));
+        let store = MemoryStore::new(clock.clone());
+        let view = |sub: &str| CachedSession {
+            id: Uuid::new_v4(),
+            user: UserClaims::select(sub.into(), &serde_json::Map::new()),
+            created_at: Utc::now(),
+            last_seen_at: Utc::now(),
+            expires_at: Utc::now(),
+        };
+        let ttl = Duration::from_secs(60);
+        let sub = async |hash| match store.get(hash).await.unwrap() {
+            CacheLookup::Live(session) => Some(session.user.sub().to_string()),
+            _ => None,
+        };
+        let (empty, ended, cached) = (
+            SessionId::generate().hash(),
+            SessionId::generate().hash(),
+            SessionId::generate().hash(),
+        );
+        store
+            .put_missing(&empty, &view("alice"), ttl)
+            .await
+            .unwrap();
+        assert_eq!(sub(&empty).await.as_deref(), Some("alice"));
+        store.mark_ended(&ended).await.unwrap();
+        store
+            .put_missing(&ended, &view("alice"), ttl)
+            .await
+            .unwrap();
+        assert_eq!(store.get(&ended).await.unwrap(), CacheLookup::Ended);
+        store.put(&cached, &view("bob"), ttl).await.unwrap();
+        store
+            .put_missing(&cached, &view("mallory"), ttl)
+            .await
+            .unwrap();
+        assert_eq!(sub(&cached).await.as_deref(), Some("bob"));
+        // Once an entry has expired, there is a gap again.
+        clock.advance(chrono::Duration::seconds(61));
+        store
+            .put_missing(&cached, &view("carol"), ttl)
+            .await
+            .unwrap();
+        assert_eq!(sub(&cached).await.as_deref(), Some("carol"));
     }
 }

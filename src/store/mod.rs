@@ -126,6 +126,16 @@ pub trait SessionCache: Send + Sync + 'static {
         session: &CachedSession,
         ttl: std::time::Duration,
     ) -> Result<(), StoreError>;
+    /// Caches the view of a session the cache did not hold ([`CacheLookup::Unknown`], or a new
+    /// session) only while it still holds nothing for it: neither a tombstone written since nor
+    /// a view another request cached meanwhile is overwritten. What [`SessionCache::put`] does
+    /// for that case, for less (in Redis one `SET NX`, not a script: the cold `/session` path).
+    async fn put_missing(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError>;
     /// Replaces the view with a tombstone that outlives any in-flight re-caching, and drops the
     /// session's cached access token.
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError>;

@@ -236,6 +236,26 @@ impl SessionCache for RedisStore {
         Ok(())
     }
 
+    async fn put_missing(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.session_key(hash);
+        let sealed = values::seal_session(&self.cipher, &key, session);
+        let mut connection = self.connections.get();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(sealed)
+            .arg("PX")
+            .arg(millis(ttl))
+            .arg("NX")
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
         let mut connection = self.connections.get();
         let _: () = redis::pipe()

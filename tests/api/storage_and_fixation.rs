@@ -937,3 +937,50 @@ async fn a_missed_view_is_cached_again_after_the_answer_and_never_over_a_logout(
     assert_eq!(cache.get(&ended_hash).await.unwrap(), CacheLookup::Ended);
     assert_problem(app.get_session(&ended).await, 401).await;
 }
+
+#[tokio::test]
+async fn a_view_written_after_a_miss_fills_the_gap_only() {
+    // What the cold path writes back after a miss (`put_missing`) must neither bring an ended
+    // session back (a tombstone written since the miss) nor replace a view another request
+    // cached meanwhile. Against the broker's real Redis store.
+    let app = spawn_app().await;
+    let cache = &app.broker.cache;
+    let view = |sub: &str| token_broker::store::CachedSession {
+        id: uuid::Uuid::new_v4(),
+        user: token_broker::domain::UserClaims::select(sub.into(), &serde_json::Map::new()),
+        created_at: Utc::now(),
+        last_seen_at: Utc::now(),
+        expires_at: Utc::now() + Duration::hours(1),
+    };
+    let ttl = std::time::Duration::from_secs(60);
+    let cached_sub = async |hash| match cache.get(hash).await.unwrap() {
+        CacheLookup::Live(session) => Some(session.user.sub().to_string()),
+        _ => None,
+    };
+
+    // Nothing held: filled.
+    let empty = SessionId::generate().hash();
+    cache
+        .put_missing(&empty, &view("alice"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(cached_sub(&empty).await.as_deref(), Some("alice"));
+
+    // A tombstone: kept.
+    let ended = SessionId::generate().hash();
+    cache.mark_ended(&ended).await.unwrap();
+    cache
+        .put_missing(&ended, &view("alice"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(cache.get(&ended).await.unwrap(), CacheLookup::Ended);
+
+    // A view cached meanwhile: kept.
+    let cached = SessionId::generate().hash();
+    cache.put(&cached, &view("bob"), ttl).await.unwrap();
+    cache
+        .put_missing(&cached, &view("mallory"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(cached_sub(&cached).await.as_deref(), Some("bob"));
+}
