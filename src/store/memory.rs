@@ -76,6 +76,30 @@ impl MemoryStore {
     fn deadline(&self, ttl: Duration) -> DateTime<Utc> {
         self.clock.now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
     }
+
+    /// `SessionCache::put` (`only_into_a_gap` false: refused over a tombstone) and
+    /// `SessionCache::put_missing` (true: refused over anything held), as Redis does them.
+    fn cache_view(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: Duration,
+        only_into_a_gap: bool,
+    ) {
+        let deadline = self.deadline(ttl);
+        let now = self.clock.now();
+        let mut maps = self.maps();
+        let refused = match maps.cache.get(hash) {
+            Some((entry, until)) if *until > now => {
+                only_into_a_gap || matches!(entry, CacheEntry::Ended)
+            }
+            _ => false,
+        };
+        if !refused {
+            maps.cache
+                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
+        }
+    }
 }
 
 #[async_trait]
@@ -120,15 +144,7 @@ impl SessionCache for MemoryStore {
         session: &CachedSession,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let deadline = self.deadline(ttl);
-        let now = self.clock.now();
-        let mut maps = self.maps();
-        let ended =
-            matches!(maps.cache.get(hash), Some((CacheEntry::Ended, until)) if *until > now);
-        if !ended {
-            maps.cache
-                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
-        }
+        self.cache_view(hash, session, ttl, false);
         Ok(())
     }
 
@@ -138,14 +154,7 @@ impl SessionCache for MemoryStore {
         session: &CachedSession,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let deadline = self.deadline(ttl);
-        let now = self.clock.now();
-        let mut maps = self.maps();
-        let held = matches!(maps.cache.get(hash), Some((_, until)) if *until > now);
-        if !held {
-            maps.cache
-                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
-        }
+        self.cache_view(hash, session, ttl, true);
         Ok(())
     }
 

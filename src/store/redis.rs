@@ -141,6 +141,42 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// `SessionCache::put` (`only_into_a_gap` false: the script, which refuses a tombstone) and
+    /// `SessionCache::put_missing` (true: `SET NX`, which refuses anything held).
+    async fn cache_view(
+        &self,
+        hash: &SessionIdHash,
+        session: &CachedSession,
+        ttl: Duration,
+        only_into_a_gap: bool,
+    ) -> Result<(), StoreError> {
+        let key = self.session_key(hash);
+        let sealed = values::seal_session(&self.cipher, &key, session);
+        let mut connection = self.connections.get();
+        if only_into_a_gap {
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(sealed)
+                .arg("PX")
+                .arg(millis(ttl))
+                .arg("NX")
+                .query_async(&mut connection)
+                .await?;
+        } else {
+            let _: i64 = self
+                .put_unless_ended
+                .key(&key)
+                .arg(sealed)
+                .arg(millis(ttl))
+                .arg(ENDED)
+                .invoke_async(&mut connection)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -222,18 +258,7 @@ impl SessionCache for RedisStore {
         session: &CachedSession,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let key = self.session_key(hash);
-        let sealed = values::seal_session(&self.cipher, &key, session);
-        let mut connection = self.connections.get();
-        let _: i64 = self
-            .put_unless_ended
-            .key(&key)
-            .arg(sealed)
-            .arg(millis(ttl))
-            .arg(ENDED)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(())
+        self.cache_view(hash, session, ttl, false).await
     }
 
     async fn put_missing(
@@ -242,18 +267,7 @@ impl SessionCache for RedisStore {
         session: &CachedSession,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let key = self.session_key(hash);
-        let sealed = values::seal_session(&self.cipher, &key, session);
-        let mut connection = self.connections.get();
-        let _: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(sealed)
-            .arg("PX")
-            .arg(millis(ttl))
-            .arg("NX")
-            .query_async(&mut connection)
-            .await?;
-        Ok(())
+        self.cache_view(hash, session, ttl, true).await
     }
 
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
