@@ -173,7 +173,7 @@ async fn run_command(cli: Cli) -> std::process::ExitCode {
             else {
                 return fail("DATABASE_URL: is required (set it or pass --database-url)");
             };
-            // The pool's time-out does not matter here: migrations run without one.
+            // The connections' time-out does not matter here: migrations run without one.
             let pools = match postgres::Pools::shared(url, std::time::Duration::from_secs(5)) {
                 Ok(pools) => pools,
                 Err(error) => return fail(&format!("DATABASE_URL: {error}")),

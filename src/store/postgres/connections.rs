@@ -41,7 +41,8 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// because PostgreSQL refuses connections or all of them are busy.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A connection idle for this long is closed (sqlx's default).
+/// A connection found idle this long when one is needed is closed (sqlx's default; there is no
+/// background reaper: a thread with no work at all keeps what it has open).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// A connection open for this long is closed when it comes back (sqlx's default): a server's
