@@ -84,10 +84,13 @@ impl Broker {
             self.cache.get(hash).await.map(|lookup| (lookup, None))
         };
         let redis_answered = lookup.is_ok();
+        // Redis answered that it holds nothing for the session: the view read from PostgreSQL
+        // may only fill that gap.
+        let held_nothing = matches!(lookup, Ok((CacheLookup::Unknown, _)));
         let (cached, mut token) = match lookup {
             Ok((CacheLookup::Live(session), token)) => (Some(session), token),
             Ok((CacheLookup::Ended, _)) => return Ok(None),
-            Ok((CacheLookup::Unknown, token)) => (None, token),
+            Ok((CacheLookup::Unknown | CacheLookup::Unreadable, token)) => (None, token),
             Err(error) => {
                 // Losing Redis must not log everyone out: PostgreSQL answers instead.
                 self.metrics.store_error(&error);
@@ -133,9 +136,7 @@ impl Broker {
             self.touches.record(session.id, hash, now);
         }
         if stale || !from_cache {
-            // Redis answered that it holds nothing for the session: it may only fill the gap.
-            let missing = !from_cache && redis_answered;
-            self.cache_view_after_response(hash, &session, now, missing);
+            self.cache_view_after_response(hash, &session, now, held_nothing);
         }
         let view = SessionView {
             expires_at: self.session_end(&session),
@@ -150,14 +151,14 @@ impl Broker {
     /// a request that comes first reads PostgreSQL again. The write cannot bring an ended
     /// session back either: it is refused where a tombstone is (`SessionCache::put`), and a
     /// tombstone outlives any such task by far. A task waits at most Redis's response
-    /// time-out, as the request would have. `missing`: Redis answered that it held nothing for
+    /// time-out, as the request would have. `held_nothing`: Redis answered that it held nothing for
     /// the session, so the write only fills that gap (`SessionCache::put_missing`: cheaper).
     fn cache_view_after_response(
         &self,
         hash: &SessionIdHash,
         session: &CachedSession,
         now: DateTime<Utc>,
-        missing: bool,
+        held_nothing: bool,
     ) {
         let ttl = self.cache_ttl(session, now);
         let (cache, metrics, hash, session) = (
@@ -167,7 +168,7 @@ impl Broker {
             session.clone(),
         );
         tokio::spawn(async move {
-            let written = if missing {
+            let written = if held_nothing {
                 cache.put_missing(&hash, &session, ttl).await
             } else {
                 cache.put(&hash, &session, ttl).await

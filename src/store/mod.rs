@@ -102,6 +102,10 @@ pub enum CacheLookup {
     Ended,
     /// The cache does not know (never cached, evicted, or Redis was flushed): ask PostgreSQL.
     Unknown,
+    /// The cache holds an entry that does not open (sealed under a key no longer configured) or
+    /// parse (a form this version does not know): ask PostgreSQL, and replace the entry
+    /// ([`SessionCache::put`], not `put_missing`, which would leave it there).
+    Unreadable,
 }
 
 #[async_trait]
@@ -127,7 +131,7 @@ pub trait SessionCache: Send + Sync + 'static {
         ttl: std::time::Duration,
     ) -> Result<(), StoreError>;
     /// Caches the view of a session the cache did not hold ([`CacheLookup::Unknown`], or a new
-    /// session) only while it still holds nothing for it: neither a tombstone written since nor
+    /// session; not [`CacheLookup::Unreadable`]) only while it still holds nothing for it: neither a tombstone written since nor
     /// a view another request cached meanwhile is overwritten. What [`SessionCache::put`] does
     /// for that case, for less (in Redis one `SET NX`, not a script: the cold `/session` path).
     async fn put_missing(

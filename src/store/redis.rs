@@ -127,7 +127,7 @@ impl RedisStore {
             Ok(session) => CacheLookup::Live(session),
             Err(error) => {
                 tracing::warn!(%error, "unreadable session cache entry; reading PostgreSQL");
-                CacheLookup::Unknown
+                CacheLookup::Unreadable
             }
         }
     }

@@ -984,3 +984,37 @@ async fn a_view_written_after_a_miss_fills_the_gap_only() {
         .unwrap();
     assert_eq!(cached_sub(&cached).await.as_deref(), Some("bob"));
 }
+
+#[tokio::test]
+async fn an_unreadable_cached_view_is_replaced_after_the_answer() {
+    // An entry that does not open (sealed under a key no longer configured, or of a form this
+    // version does not know) is a miss that PostgreSQL answers. The view read there must replace
+    // it, not fill only an empty key and so leave every later request a miss until it expires.
+    let app = spawn_app().await;
+    let user = app.logged_in_browser("alice").await;
+    let hash = SessionId::parse(user.session().expect("a session cookie"))
+        .expect("a well-formed session cookie")
+        .hash();
+    let key = format!("{}session:{{{}}}", app.redis.prefix, hash.to_hex());
+    let mut connection = app.redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&b"\x00sealed elsewhere"[..])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let cache = &app.broker.cache;
+    assert_eq!(cache.get(&hash).await.unwrap(), CacheLookup::Unreadable);
+
+    assert_eq!(app.get_session(&user).await.status(), 200);
+
+    let mut waited = 0;
+    while !matches!(cache.get(&hash).await.unwrap(), CacheLookup::Live(_)) {
+        assert!(
+            waited < 100,
+            "the unreadable entry was not replaced within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+}
