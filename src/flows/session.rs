@@ -151,8 +151,8 @@ impl Broker {
     /// a request that comes first reads PostgreSQL again. The write cannot bring an ended
     /// session back either: it is refused where a tombstone is (`SessionCache::put`), and a
     /// tombstone outlives any such task by far. A task waits at most Redis's response
-    /// time-out, as the request would have. `held_nothing`: Redis answered that it held nothing for
-    /// the session, so the write only fills that gap (`SessionCache::put_missing`: cheaper).
+    /// time-out, as the request would have. `held_nothing`: Redis answered that it held nothing
+    /// for the session, so the write only fills that gap (`SessionCache::put_missing`: cheaper).
     fn cache_view_after_response(
         &self,
         hash: &SessionIdHash,

@@ -131,9 +131,10 @@ pub trait SessionCache: Send + Sync + 'static {
         ttl: std::time::Duration,
     ) -> Result<(), StoreError>;
     /// Caches the view of a session the cache did not hold ([`CacheLookup::Unknown`], or a new
-    /// session; not [`CacheLookup::Unreadable`]) only while it still holds nothing for it: neither a tombstone written since nor
-    /// a view another request cached meanwhile is overwritten. What [`SessionCache::put`] does
-    /// for that case, for less (in Redis one `SET NX`, not a script: the cold `/session` path).
+    /// session; not [`CacheLookup::Unreadable`]) only while it still holds nothing for it:
+    /// neither a tombstone written since nor a view another request cached meanwhile is
+    /// overwritten. What [`SessionCache::put`] does for that case, for less (in Redis one
+    /// `SET NX`, not a script: the cold `/session` path).
     async fn put_missing(
         &self,
         hash: &SessionIdHash,

@@ -139,9 +139,7 @@ impl RedisStore {
             .map_err(|error| tracing::warn!(%error, "unreadable cached access token"))
             .ok()
     }
-}
 
-impl RedisStore {
     /// `SessionCache::put` (`only_into_a_gap` false: the script, which refuses a tombstone) and
     /// `SessionCache::put_missing` (true: `SET NX`, which refuses anything held).
     async fn cache_view(
