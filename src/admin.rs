@@ -303,6 +303,7 @@ mod tests {
                     &id.hash(),
                     &record.view(),
                     std::time::Duration::from_secs(60),
+                    crate::store::Replacing::AnyViewOrEntry,
                 )
                 .await
                 .unwrap();

@@ -12,7 +12,7 @@ use super::{chrono_duration, Broker, LoginErrorCode};
 use crate::domain::{AuthorizationCode, LoginBinding, ReturnTo, SessionId, State, UserClaims};
 use crate::oidc::id_token::Expectations;
 use crate::oidc::{IdTokenError, IdpError, OAuthErrorCode};
-use crate::store::SessionRecord;
+use crate::store::{Replacing, SessionRecord};
 
 /// The callback's query, parsed.
 #[derive(Debug)]
@@ -211,7 +211,12 @@ impl Broker {
         // PostgreSQL is the truth; the caches only save work, so their failure is not the login's.
         if let Err(error) = self
             .cache
-            .put_missing(&hash, &record.view(), self.cache_ttl(&record.view(), now))
+            .put(
+                &hash,
+                &record.view(),
+                self.cache_ttl(&record.view(), now),
+                Replacing::Nothing,
+            )
             .await
         {
             self.metrics.store_error(&error);

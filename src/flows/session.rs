@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 
 use super::{chrono_duration, Broker};
 use crate::domain::{SessionId, SessionIdHash, UserClaims};
-use crate::store::{CacheLookup, CachedAccessToken, CachedSession, SessionRecord, StoreError};
+use crate::store::{
+    CacheLookup, CachedAccessToken, CachedSession, Replacing, SessionRecord, StoreError,
+};
 
 /// What `/session` reports.
 #[derive(Debug, Clone)]
@@ -152,7 +154,7 @@ impl Broker {
     /// session back either: it is refused where a tombstone is (`SessionCache::put`), and a
     /// tombstone outlives any such task by far. A task waits at most Redis's response
     /// time-out, as the request would have. `held_nothing`: Redis answered that it held nothing
-    /// for the session, so the write only fills that gap (`SessionCache::put_missing`: cheaper).
+    /// for the session, so the write only fills that gap ([`Replacing::Nothing`]: cheaper).
     fn cache_view_after_response(
         &self,
         hash: &SessionIdHash,
@@ -168,12 +170,12 @@ impl Broker {
             session.clone(),
         );
         tokio::spawn(async move {
-            let written = if held_nothing {
-                cache.put_missing(&hash, &session, ttl).await
+            let replacing = if held_nothing {
+                Replacing::Nothing
             } else {
-                cache.put(&hash, &session, ttl).await
+                Replacing::AnyViewOrEntry
             };
-            if let Err(error) = written {
+            if let Err(error) = cache.put(&hash, &session, ttl, replacing).await {
                 metrics.store_error(&error);
                 tracing::warn!(%error, "could not cache the session");
             }

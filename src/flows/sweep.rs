@@ -140,7 +140,7 @@ mod tests {
     use crate::domain::{IdToken, SessionId, UserClaims};
     use crate::oidc::Provider;
     use crate::startup::Stores;
-    use crate::store::{CacheLookup, SessionRecord};
+    use crate::store::{CacheLookup, Replacing, SessionRecord};
     use chrono::Utc;
 
     fn broker(clock: ManualClock, batch: i64) -> Broker {
@@ -191,7 +191,12 @@ mod tests {
         broker.sessions.insert(&record).await.unwrap();
         broker
             .cache
-            .put(&id.hash(), &record.view(), Duration::from_secs(3600))
+            .put(
+                &id.hash(),
+                &record.view(),
+                Duration::from_secs(3600),
+                Replacing::AnyViewOrEntry,
+            )
             .await
             .unwrap();
         id

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use super::{
     CacheLookup, CachedAccessToken, CachedSession, LeaseAttempt, LoginStore, PendingLogin,
-    RefreshCommit, RefreshedTokens, ResealOutcome, SessionCache, SessionRecord, SessionRepository,
-    SessionSummary, StoreError,
+    RefreshCommit, RefreshedTokens, Replacing, ResealOutcome, SessionCache, SessionRecord,
+    SessionRepository, SessionSummary, StoreError,
 };
 use crate::clock::Clock;
 use crate::domain::{SessionIdHash, State};
@@ -76,30 +76,6 @@ impl MemoryStore {
     fn deadline(&self, ttl: Duration) -> DateTime<Utc> {
         self.clock.now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
     }
-
-    /// `SessionCache::put` (`only_into_a_gap` false: refused over a tombstone) and
-    /// `SessionCache::put_missing` (true: refused over anything held), as Redis does them.
-    fn cache_view(
-        &self,
-        hash: &SessionIdHash,
-        session: &CachedSession,
-        ttl: Duration,
-        only_into_a_gap: bool,
-    ) {
-        let deadline = self.deadline(ttl);
-        let now = self.clock.now();
-        let mut maps = self.maps();
-        let refused = match maps.cache.get(hash) {
-            Some((entry, until)) if *until > now => {
-                only_into_a_gap || matches!(entry, CacheEntry::Ended)
-            }
-            _ => false,
-        };
-        if !refused {
-            maps.cache
-                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
-        }
-    }
 }
 
 #[async_trait]
@@ -143,18 +119,21 @@ impl SessionCache for MemoryStore {
         hash: &SessionIdHash,
         session: &CachedSession,
         ttl: Duration,
+        replacing: Replacing,
     ) -> Result<(), StoreError> {
-        self.cache_view(hash, session, ttl, false);
-        Ok(())
-    }
-
-    async fn put_missing(
-        &self,
-        hash: &SessionIdHash,
-        session: &CachedSession,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.cache_view(hash, session, ttl, true);
+        let deadline = self.deadline(ttl);
+        let now = self.clock.now();
+        let mut maps = self.maps();
+        let refused = match maps.cache.get(hash) {
+            Some((entry, until)) if *until > now => {
+                replacing == Replacing::Nothing || matches!(entry, CacheEntry::Ended)
+            }
+            _ => false,
+        };
+        if !refused {
+            maps.cache
+                .insert(*hash, (CacheEntry::Live(session.clone()), deadline));
+        }
         Ok(())
     }
 
@@ -436,7 +415,12 @@ mod tests {
             expires_at: Utc::now(),
         };
         store
-            .put(&hash, &view, Duration::from_secs(60))
+            .put(
+                &hash,
+                &view,
+                Duration::from_secs(60),
+                Replacing::AnyViewOrEntry,
+            )
             .await
             .unwrap();
         assert!(matches!(
@@ -445,7 +429,12 @@ mod tests {
         ));
         store.mark_ended(&hash).await.unwrap();
         store
-            .put(&hash, &view, Duration::from_secs(60))
+            .put(
+                &hash,
+                &view,
+                Duration::from_secs(60),
+                Replacing::AnyViewOrEntry,
+            )
             .await
             .unwrap();
         assert_eq!(store.get(&hash).await.unwrap(), CacheLookup::Ended);
@@ -473,26 +462,29 @@ mod tests {
             SessionId::generate().hash(),
         );
         store
-            .put_missing(&empty, &view("alice"), ttl)
+            .put(&empty, &view("alice"), ttl, Replacing::Nothing)
             .await
             .unwrap();
         assert_eq!(sub(&empty).await.as_deref(), Some("alice"));
         store.mark_ended(&ended).await.unwrap();
         store
-            .put_missing(&ended, &view("alice"), ttl)
+            .put(&ended, &view("alice"), ttl, Replacing::Nothing)
             .await
             .unwrap();
         assert_eq!(store.get(&ended).await.unwrap(), CacheLookup::Ended);
-        store.put(&cached, &view("bob"), ttl).await.unwrap();
         store
-            .put_missing(&cached, &view("mallory"), ttl)
+            .put(&cached, &view("bob"), ttl, Replacing::AnyViewOrEntry)
+            .await
+            .unwrap();
+        store
+            .put(&cached, &view("mallory"), ttl, Replacing::Nothing)
             .await
             .unwrap();
         assert_eq!(sub(&cached).await.as_deref(), Some("bob"));
         // Once an entry has expired, there is a gap again.
         clock.advance(chrono::Duration::seconds(61));
         store
-            .put_missing(&cached, &view("carol"), ttl)
+            .put(&cached, &view("carol"), ttl, Replacing::Nothing)
             .await
             .unwrap();
         assert_eq!(sub(&cached).await.as_deref(), Some("carol"));

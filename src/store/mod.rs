@@ -104,7 +104,7 @@ pub enum CacheLookup {
     Unknown,
     /// The cache holds an entry that does not open (sealed under a key no longer configured) or
     /// parse (a form this version does not know): ask PostgreSQL, and replace the entry
-    /// ([`SessionCache::put`], not `put_missing`, which would leave it there).
+    /// ([`Replacing::AnyViewOrEntry`]; [`Replacing::Nothing`] would leave it there).
     Unreadable,
 }
 
@@ -120,26 +120,29 @@ pub trait LoginStore: Send + Sync + 'static {
     async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError>;
 }
 
+/// What a view written by [`SessionCache::put`] may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacing {
+    /// Anything but a tombstone: a cached view (a last-seen time moved), an entry that does not
+    /// open ([`CacheLookup::Unreadable`]). In Redis a script (`GET`, compare, `SET`).
+    AnyViewOrEntry,
+    /// Nothing: for a session the cache held nothing for ([`CacheLookup::Unknown`], a new
+    /// login). A tombstone or a view written since stays. In Redis one `SET NX`, for much less
+    /// of its time than the script (the cold `/session` path).
+    Nothing,
+}
+
 #[async_trait]
 pub trait SessionCache: Send + Sync + 'static {
     async fn get(&self, hash: &SessionIdHash) -> Result<CacheLookup, StoreError>;
-    /// Caches the view unless the session was ended meanwhile (a tombstone is never overwritten).
+    /// Caches the view, over what `replacing` allows: never over a tombstone (an ended session
+    /// is never brought back).
     async fn put(
         &self,
         hash: &SessionIdHash,
         session: &CachedSession,
         ttl: std::time::Duration,
-    ) -> Result<(), StoreError>;
-    /// Caches the view of a session the cache did not hold ([`CacheLookup::Unknown`], or a new
-    /// session; not [`CacheLookup::Unreadable`]) only while it still holds nothing for it:
-    /// neither a tombstone written since nor a view another request cached meanwhile is
-    /// overwritten. What [`SessionCache::put`] does for that case, for less (in Redis one
-    /// `SET NX`, not a script: the cold `/session` path).
-    async fn put_missing(
-        &self,
-        hash: &SessionIdHash,
-        session: &CachedSession,
-        ttl: std::time::Duration,
+        replacing: Replacing,
     ) -> Result<(), StoreError>;
     /// Replaces the view with a tombstone that outlives any in-flight re-caching, and drops the
     /// session's cached access token.

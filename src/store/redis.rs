@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use redis::{AsyncCommands, Script};
 
 use super::{
-    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, SessionCache,
-    StoreError,
+    CacheLookup, CachedAccessToken, CachedSession, LoginStore, PendingLogin, Replacing,
+    SessionCache, StoreError,
 };
 use crate::crypto::Cipher;
 use crate::domain::{SessionIdHash, State};
@@ -139,40 +139,6 @@ impl RedisStore {
             .map_err(|error| tracing::warn!(%error, "unreadable cached access token"))
             .ok()
     }
-
-    /// `SessionCache::put` (`only_into_a_gap` false: the script, which refuses a tombstone) and
-    /// `SessionCache::put_missing` (true: `SET NX`, which refuses anything held).
-    async fn cache_view(
-        &self,
-        hash: &SessionIdHash,
-        session: &CachedSession,
-        ttl: Duration,
-        only_into_a_gap: bool,
-    ) -> Result<(), StoreError> {
-        let key = self.session_key(hash);
-        let sealed = values::seal_session(&self.cipher, &key, session);
-        let mut connection = self.connections.get();
-        if only_into_a_gap {
-            let _: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(sealed)
-                .arg("PX")
-                .arg(millis(ttl))
-                .arg("NX")
-                .query_async(&mut connection)
-                .await?;
-        } else {
-            let _: i64 = self
-                .put_unless_ended
-                .key(&key)
-                .arg(sealed)
-                .arg(millis(ttl))
-                .arg(ENDED)
-                .invoke_async(&mut connection)
-                .await?;
-        }
-        Ok(())
-    }
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -255,17 +221,34 @@ impl SessionCache for RedisStore {
         hash: &SessionIdHash,
         session: &CachedSession,
         ttl: Duration,
+        replacing: Replacing,
     ) -> Result<(), StoreError> {
-        self.cache_view(hash, session, ttl, false).await
-    }
-
-    async fn put_missing(
-        &self,
-        hash: &SessionIdHash,
-        session: &CachedSession,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.cache_view(hash, session, ttl, true).await
+        let key = self.session_key(hash);
+        let sealed = values::seal_session(&self.cipher, &key, session);
+        let mut connection = self.connections.get();
+        match replacing {
+            Replacing::AnyViewOrEntry => {
+                let _: i64 = self
+                    .put_unless_ended
+                    .key(&key)
+                    .arg(sealed)
+                    .arg(millis(ttl))
+                    .arg(ENDED)
+                    .invoke_async(&mut connection)
+                    .await?;
+            }
+            Replacing::Nothing => {
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(sealed)
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .arg("NX")
+                    .query_async(&mut connection)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use token_broker::clock::ManualClock;
 use token_broker::crypto::{EncryptionKey, Sealed};
 use token_broker::domain::SessionId;
-use token_broker::store::CacheLookup;
+use token_broker::store::{CacheLookup, Replacing};
 
 use crate::helpers::*;
 
@@ -940,7 +940,7 @@ async fn a_missed_view_is_cached_again_after_the_answer_and_never_over_a_logout(
 
 #[tokio::test]
 async fn a_view_written_after_a_miss_fills_the_gap_only() {
-    // What the cold path writes back after a miss (`put_missing`) must neither bring an ended
+    // What the cold path writes back after a miss (`Replacing::Nothing`) must neither bring an ended
     // session back (a tombstone written since the miss) nor replace a view another request
     // cached meanwhile. Against the broker's real Redis store.
     let app = spawn_app().await;
@@ -961,7 +961,7 @@ async fn a_view_written_after_a_miss_fills_the_gap_only() {
     // Nothing held: filled.
     let empty = SessionId::generate().hash();
     cache
-        .put_missing(&empty, &view("alice"), ttl)
+        .put(&empty, &view("alice"), ttl, Replacing::Nothing)
         .await
         .unwrap();
     assert_eq!(cached_sub(&empty).await.as_deref(), Some("alice"));
@@ -970,16 +970,19 @@ async fn a_view_written_after_a_miss_fills_the_gap_only() {
     let ended = SessionId::generate().hash();
     cache.mark_ended(&ended).await.unwrap();
     cache
-        .put_missing(&ended, &view("alice"), ttl)
+        .put(&ended, &view("alice"), ttl, Replacing::Nothing)
         .await
         .unwrap();
     assert_eq!(cache.get(&ended).await.unwrap(), CacheLookup::Ended);
 
     // A view cached meanwhile: kept.
     let cached = SessionId::generate().hash();
-    cache.put(&cached, &view("bob"), ttl).await.unwrap();
     cache
-        .put_missing(&cached, &view("mallory"), ttl)
+        .put(&cached, &view("bob"), ttl, Replacing::AnyViewOrEntry)
+        .await
+        .unwrap();
+    cache
+        .put(&cached, &view("mallory"), ttl, Replacing::Nothing)
         .await
         .unwrap();
     assert_eq!(cached_sub(&cached).await.as_deref(), Some("bob"));
