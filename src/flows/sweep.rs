@@ -4,7 +4,8 @@
 //! SPEC "Data": expired sessions are deleted by a background sweep that is safe with many
 //! replicas. Every replica runs the task; the store's advisory lock lets one sweep at a time and
 //! the others skip their turn (a sweep is never waited for). Each batch is its own short
-//! transaction that skips rows a request holds, so a sweep never blocks a request.
+//! transaction that skips sessions whose rows a request or a last-seen write holds: a sweep never
+//! waits for a row, so it never blocks a request and never deadlocks with one.
 
 use std::sync::Arc;
 use std::time::Duration;

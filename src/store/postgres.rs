@@ -8,6 +8,18 @@
 //! It also bounds the time of every operation (`BROKER_DATABASE_TIMEOUT`: PostgreSQL's
 //! `statement_timeout`, and `PgSessionRepository::within_time_out` for a server that stops
 //! answering); the connections themselves are [`connections`]' (a small pool per thread).
+//!
+//! # Row locks: one order
+//! A statement that locks rows of several sessions takes them in one order: `sessions` rows
+//! before `session_activity` rows, each by ascending id. A deletion's cascade takes a session's
+//! activity row after its session row; a last-seen batch takes activity rows only. So no two
+//! operations ever wait for each other in a circle, which PostgreSQL would break by ending one
+//! of them after `deadlock_timeout` (a back-channel logout answered with an error and its
+//! sessions left, a batch of last-seen times lost until the next flush). The order is stated in
+//! the SQL (`ORDER BY id FOR UPDATE`: PostgreSQL sorts before it locks), never left to a plan:
+//! the same UPDATE follows the array in one plan and the table in another. The sweep takes no
+//! part: it never waits for a lock ([`SWEEP_BATCH`]). Single-row operations (a logout, a refresh
+//! lease) cannot close a circle.
 
 use std::time::Duration;
 
@@ -96,6 +108,44 @@ impl PgSessionRepository {
         tokio::time::timeout(limit, run)
             .await
             .unwrap_or(Err(StoreError::PostgresSilent(limit)))
+    }
+
+    /// Deletes the sessions that `condition` (over `sessions`, with `binds` as `$1`, `$2`, …)
+    /// selects, and returns their `id_hash`.
+    ///
+    /// A plain DELETE locks the sessions rows in its plan's order, and its cascade then takes
+    /// their `session_activity` rows in that order too; so the rows are locked first, in the
+    /// module's order (all the session rows by id, then all the activity rows by id: the Sort
+    /// below the activity rows' lock consumes every session row first), in the same transaction.
+    async fn delete_sessions_where(
+        &self,
+        condition: &str,
+        binds: &[Option<&str>],
+    ) -> Result<Vec<SessionIdHash>, StoreError> {
+        let lock = format!(
+            "WITH doomed AS MATERIALIZED (
+                 SELECT id FROM sessions WHERE {condition} ORDER BY id FOR UPDATE)
+             SELECT a.id FROM session_activity a
+             WHERE a.id IN (SELECT id FROM doomed)
+             ORDER BY a.id FOR UPDATE"
+        );
+        let delete = format!("DELETE FROM sessions WHERE {condition} RETURNING id_hash");
+        let rows = self
+            .within_time_out(async |connection| {
+                let mut transaction = connection.begin().await?;
+                let mut lock = sqlx::query(&lock);
+                let mut delete = sqlx::query(&delete);
+                for bind in binds {
+                    lock = lock.bind(bind);
+                    delete = delete.bind(bind);
+                }
+                lock.execute(&mut *transaction).await?;
+                let rows = delete.fetch_all(&mut *transaction).await?;
+                transaction.commit().await?;
+                Ok(rows)
+            })
+            .await?;
+        rows.iter().map(hash_from_row).collect()
     }
 
     /// Seals a row's tokens under the current key.
@@ -209,15 +259,32 @@ impl SealedTokens {
 /// are some 65 MB against some 2.3 GB of sessions: one pass over them takes tens of
 /// milliseconds, where a pass over the sessions took seconds, each sweep, on every replica.
 /// Each candidate is checked again on its row: a replica of an earlier version may have moved
-/// `sessions.last_seen_at` later. SKIP LOCKED keeps the sweep off rows a request holds.
-pub const SWEEP_BATCH: &str = "DELETE FROM sessions WHERE id IN (
+/// `sessions.last_seen_at` later.
+///
+/// The sweep never waits for a row lock, so it never blocks a request or a last-seen write and is
+/// never one side of a deadlock: it skips (SKIP LOCKED) a session whose row a request holds, and
+/// one whose `session_activity` row a last-seen write holds, which the deletion's cascade would
+/// otherwise wait for (while the write, going through its rows in id order, could be waiting
+/// for one the cascade had already taken). It locks both rows of a session first and deletes
+/// only sessions it holds both of; a skipped session is taken by the next sweep. A session
+/// without an activity row (none should be: the trigger makes one with every session) is
+/// deleted all the same.
+pub const SWEEP_BATCH: &str = "WITH ended AS MATERIALIZED (
     SELECT s.id FROM sessions s
     WHERE s.id IN (SELECT id FROM sessions WHERE expires_at <= $1
                    UNION ALL
                    SELECT id FROM session_activity WHERE last_seen_at <= $2)
       AND (s.expires_at <= $1 OR GREATEST(s.last_seen_at,
                (SELECT a.last_seen_at FROM session_activity a WHERE a.id = s.id)) <= $2)
-    LIMIT $3 FOR UPDATE OF s SKIP LOCKED)
+    LIMIT $3 FOR UPDATE OF s SKIP LOCKED),
+held AS MATERIALIZED (
+    SELECT a.id FROM session_activity a WHERE a.id IN (SELECT id FROM ended)
+    FOR UPDATE SKIP LOCKED)
+DELETE FROM sessions WHERE id IN (
+    SELECT id FROM held
+    UNION ALL
+    SELECT e.id FROM ended e
+    WHERE NOT EXISTS (SELECT 1 FROM session_activity a WHERE a.id = e.id))
 RETURNING id_hash";
 
 /// The live sessions (`$1` now, `$2` the idle cutoff), counted without reading every session
@@ -341,19 +408,20 @@ impl SessionRepository for PgSessionRepository {
     async fn touch_many(&self, touches: &[(Uuid, DateTime<Utc>)]) -> Result<Vec<Uuid>, StoreError> {
         // The times go to `session_activity` (migrations/…_session_activity.sql: a narrow row,
         // so little WAL), by a plain UPDATE: one index lookup and one new row version each, in the
-        // row's page (HOT). Its nested loop follows the array, sorted here by id, so replicas
-        // flushing overlapping sets lock rows in one order and never deadlock. GREATEST:
-        // out-of-order times never move one back. The session's own row is neither written nor
-        // locked (the key does not change, so no foreign-key check runs).
+        // row's page (HOT). The rows are locked first, by id (`locked`; the module's lock
+        // order). The UPDATE's own order is its plan's: for a small table, a custom plan follows
+        // the array and a generic one (a prepared statement's, after five runs) the table, and
+        // two replicas' flushes over the same sessions, one in each order, deadlocked in about
+        // one test run in three. GREATEST: out-of-order times never move one back. The
+        // session's own row is neither written nor locked (the key does not change, so no
+        // foreign-key check runs).
         //
         // Asynchronous commit: the batch does not wait for its WAL to reach the disk (the WAL
         // writer flushes it within 3 × wal_writer_delay). Last-seen times are the one write the
         // broker can lose in a PostgreSQL crash without harm: a lost one makes the session end
         // up to one touch interval early, as a replica's crash already could (flows/touch.rs).
         // Every other write keeps the server's synchronous_commit.
-        let mut sorted = touches.to_vec();
-        sorted.sort_unstable_by_key(|(id, _)| *id);
-        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = sorted.into_iter().unzip();
+        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = touches.iter().copied().unzip();
         let written: std::collections::HashSet<Uuid> = self
             .within_time_out(async |connection| {
                 let mut transaction = connection.begin().await?;
@@ -361,10 +429,13 @@ impl SessionRepository for PgSessionRepository {
                     .execute(&mut *transaction)
                     .await?;
                 let written = sqlx::query_scalar(
-                    "UPDATE session_activity a
+                    "WITH locked AS MATERIALIZED (
+                         SELECT id FROM session_activity WHERE id = ANY($1::uuid[])
+                         ORDER BY id FOR UPDATE)
+                     UPDATE session_activity a
                      SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
                      FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
-                     WHERE a.id = t.id
+                     WHERE a.id = t.id AND a.id IN (SELECT id FROM locked)
                      RETURNING a.id",
                 )
                 .bind(&ids)
@@ -500,24 +571,16 @@ impl SessionRepository for PgSessionRepository {
         sid: &str,
         sub: Option<&str>,
     ) -> Result<Vec<SessionIdHash>, StoreError> {
-        let rows = sqlx::query(
-            "DELETE FROM sessions WHERE idp_sid = $1 AND ($2::text IS NULL OR subject = $2) RETURNING id_hash",
+        self.delete_sessions_where(
+            "idp_sid = $1 AND ($2::text IS NULL OR subject = $2)",
+            &[Some(sid), sub],
         )
-        .bind(sid)
-        .bind(sub);
-        let rows = self
-            .within_time_out(async |connection| Ok(rows.fetch_all(connection).await?))
-            .await?;
-        rows.iter().map(hash_from_row).collect()
+        .await
     }
 
     async fn delete_by_subject(&self, sub: &str) -> Result<Vec<SessionIdHash>, StoreError> {
-        let rows =
-            sqlx::query("DELETE FROM sessions WHERE subject = $1 RETURNING id_hash").bind(sub);
-        let rows = self
-            .within_time_out(async |connection| Ok(rows.fetch_all(connection).await?))
-            .await?;
-        rows.iter().map(hash_from_row).collect()
+        self.delete_sessions_where("subject = $1", &[Some(sub)])
+            .await
     }
 
     async fn list_by_subject(&self, sub: &str) -> Result<Vec<SessionSummary>, StoreError> {
@@ -551,12 +614,7 @@ impl SessionRepository for PgSessionRepository {
         batch: i64,
     ) -> Result<Option<Vec<SessionIdHash>>, StoreError> {
         // One sweeper at a time across replicas: a transaction-scoped advisory lock, never waited
-        // for. SKIP LOCKED keeps the sweep off rows a request is updating right now. The
-        // `session_activity` rows go by the foreign key's cascade, which waits for a touch that
-        // holds one; a sweep and a touch over two of the same sessions, locked in opposite
-        // orders, deadlock, and PostgreSQL ends one of them after `deadlock_timeout`: the touch
-        // is retried at the next flush, the sweep at the next sweep. Both need sessions that
-        // are in use and past their end at once, so this is rare.
+        // for. Nor does the batch wait for a row (SWEEP_BATCH).
         let rows = self
             .within_time_out(async |connection| {
                 let mut transaction = connection.begin().await?;
@@ -606,17 +664,35 @@ impl SessionRepository for PgSessionRepository {
         self.within_time_out(async |connection| {
             let mut transaction = connection.begin().await?;
             // No SKIP LOCKED: a row a request holds is waited for (milliseconds), so that an empty
-            // batch really means that nothing is left under an old key.
-            let rows = sqlx::query(concat!(
-                "SELECT ",
-                record_columns!(),
-                " FROM sessions WHERE key_id <> $1 LIMIT $2 FOR UPDATE"
-            ))
-            .bind(self.cipher.current_key_id())
-            .bind(batch)
-            .fetch_all(&mut *transaction)
-            .await?;
+            // batch really means that nothing is left under an old key. The batch is the first
+            // rows of a pass over the table, locked by id (the module's lock order); a row
+            // waited for is checked again, and when another `rotate-keys` resealed every one of
+            // them meanwhile, the next rows are found (each statement sees what committed).
+            let rows = loop {
+                let candidates: Vec<Uuid> =
+                    sqlx::query_scalar("SELECT id FROM sessions WHERE key_id <> $1 LIMIT $2")
+                        .bind(self.cipher.current_key_id())
+                        .bind(batch)
+                        .fetch_all(&mut *transaction)
+                        .await?;
+                if candidates.is_empty() {
+                    break Vec::new();
+                }
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    record_columns!(),
+                    " FROM sessions WHERE id = ANY($2) AND key_id <> $1 ORDER BY id FOR UPDATE"
+                ))
+                .bind(self.cipher.current_key_id())
+                .bind(&candidates)
+                .fetch_all(&mut *transaction)
+                .await?;
+                if !rows.is_empty() {
+                    break rows;
+                }
+            };
             let mut outcome = ResealOutcome::default();
+            // In id order, so deletions' cascades take activity rows by id too.
             for row in &rows {
                 let record = match self.record_from_row(row) {
                     Ok(record) => record,

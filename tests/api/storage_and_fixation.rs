@@ -606,13 +606,226 @@ async fn replicas_flushing_the_same_sessions_at_once_neither_deadlock_nor_move_t
     assert_eq!(times[0].timestamp_micros(), later.timestamp_micros());
 }
 
+/// A transaction holding a session's `session_activity` row, as a last-seen write (touch_many)
+/// does while its batch runs.
+async fn hold_activity_row(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: uuid::Uuid,
+) -> Result<(), sqlx::Error> {
+    let update =
+        sqlx::query("UPDATE session_activity SET last_seen_at = last_seen_at WHERE id = $1")
+            .bind(id)
+            .execute(&mut **transaction);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), update).await {
+        Ok(result) => result.map(|_| ()),
+        Err(_) => panic!("the last-seen write waited 5 s for its row"),
+    }
+}
+
+#[tokio::test]
+async fn the_sweep_skips_a_session_whose_last_seen_write_is_in_flight_instead_of_waiting_for_it() {
+    // Arrange: two sessions unused for 13 hours (idle timeout 12 h); a last-seen write holds
+    // the first one's activity row, as a batch does while it runs.
+    let app = spawn_app().await;
+    let held = insert_full_sized_session(&app, 0).await;
+    let free = insert_full_sized_session(&app, 1).await;
+    let pool = app.database.pool().await;
+    for table in ["sessions", "session_activity"] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET last_seen_at = now() - interval '13 hours'"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let mut writer = pool.begin().await.unwrap();
+    hold_activity_row(&mut writer, held.id).await.unwrap();
+    let now = Utc::now();
+    let idle_cutoff = now - Duration::hours(12);
+    let sweep = || app.broker.sessions.delete_expired(now, idle_cutoff, 100);
+
+    // Act: a sweep while the write is in flight; another after it committed.
+    let during = tokio::time::timeout(std::time::Duration::from_secs(5), sweep())
+        .await
+        .expect("the sweep waited 5 s for a row a last-seen write holds");
+    writer.commit().await.unwrap();
+    let after = sweep().await.unwrap();
+
+    // Assert: the first took the free session and left the held one (no error, no wait); the
+    // next took that one.
+    assert_eq!(during.unwrap(), Some(vec![free.id_hash]));
+    assert_eq!(after, Some(vec![held.id_hash]));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_last_seen_write_takes_its_rows_in_id_order_whatever_its_plan() {
+    // Arrange: two sessions, the one with the higher id stored first (first in the table); a
+    // replica whose connections plan every statement generically, as a prepared statement is
+    // after five runs (for this table, a hash join that follows the table); another write
+    // holds the lower id's row.
+    let app = spawn_app().await;
+    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+    ids.sort();
+    let [lower, higher] = ids;
+    insert_full_sized_session_with_id(&app, 0, higher).await;
+    insert_full_sized_session_with_id(&app, 1, lower).await;
+    let pool = app.database.pool().await;
+    sqlx::query(&format!(
+        r#"ALTER DATABASE "{}" SET plan_cache_mode = force_generic_plan"#,
+        app.database.name
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let replica = spawn_replica(&app).await;
+    let mut other_writer = pool.begin().await.unwrap();
+    hold_activity_row(&mut other_writer, lower).await.unwrap();
+
+    // Act: the replica writes both; while it waits, the other write asks for the higher id's
+    // row without waiting for it; then it commits.
+    let sessions = replica.broker.sessions.clone();
+    let later = Utc::now() + Duration::minutes(5);
+    let write = tokio::spawn(async move {
+        sessions
+            .touch_many(&[(higher, later), (lower, later)])
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let higher_row = sqlx::query("SELECT 1 FROM session_activity WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(higher)
+        .execute(&mut *other_writer)
+        .await;
+    other_writer.commit().await.unwrap();
+    let gone = tokio::time::timeout(std::time::Duration::from_secs(5), write)
+        .await
+        .expect("the write did not finish")
+        .unwrap()
+        .expect("the write failed");
+
+    // Assert: the write was waiting at the lower id and had not taken the higher one (in any
+    // other order, two writes over the same sessions can deadlock); then it wrote both.
+    higher_row.expect("the higher id's row was taken before the lower one's");
+    assert!(gone.is_empty(), "{gone:?}");
+    let times: Vec<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT last_seen_at FROM session_activity")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        times
+            .iter()
+            .map(|t| t.timestamp_micros())
+            .collect::<Vec<_>>(),
+        [later.timestamp_micros(); 2]
+    );
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_logout_of_several_sessions_takes_their_rows_in_id_order() {
+    // Arrange: one user's two sessions, the one with the higher id stored first; another
+    // transaction holds the lower id's session row (as `rotate-keys` does while it reseals).
+    let app = spawn_app().await;
+    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+    ids.sort();
+    let [lower, higher] = ids;
+    insert_full_sized_session_with_id(&app, 3, higher).await;
+    insert_full_sized_session_with_id(&app, 3, lower).await;
+    let pool = app.database.pool().await;
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(lower)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    // Act: the logout of every session of the user; while it waits, the holder asks for the
+    // higher id's row without waiting for it; then it commits.
+    let broker = app.broker.clone();
+    let logout = tokio::spawn(async move { broker.sessions.delete_by_subject("user-3").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let higher_row = sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(higher)
+        .execute(&mut *holder)
+        .await;
+    holder.commit().await.unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), logout)
+        .await
+        .expect("the logout did not finish")
+        .unwrap()
+        .expect("the logout failed");
+
+    // Assert: the logout was waiting at the lower id and had not taken the higher one; then it
+    // ended both.
+    higher_row.expect("the higher id's session row was taken before the lower one's");
+    assert_eq!(ended.len(), 2);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_back_channel_logout_and_a_last_seen_write_over_the_same_sessions_never_deadlock() {
+    // Arrange: one user's two sessions, the one with the higher id stored first (so that a
+    // plain DELETE's cascade reaches its activity row first); a last-seen write that has taken
+    // the lower one's row and will take the higher one's next (touch_many goes in id order).
+    let app = spawn_app().await;
+    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+    ids.sort();
+    let [lower, higher] = ids;
+    let higher = insert_full_sized_session_with_id(&app, 7, higher).await;
+    let lower = insert_full_sized_session_with_id(&app, 7, lower).await;
+    let pool = app.database.pool().await;
+    let mut writer = pool.begin().await.unwrap();
+    hold_activity_row(&mut writer, lower.id).await.unwrap();
+
+    // Act: the logout of every session of the user (a back-channel logout with `sub` only),
+    // then, while it runs, the write's second row; the write commits.
+    let broker = app.broker.clone();
+    let logout = tokio::spawn(async move { broker.sessions.delete_by_subject("user-7").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let second_row = hold_activity_row(&mut writer, higher.id).await;
+    let committed = writer.commit().await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), logout)
+        .await
+        .expect("the logout did not finish")
+        .unwrap();
+
+    // Assert: neither was ended by PostgreSQL's deadlock detector; both sessions are gone.
+    second_row.expect("the last-seen write failed");
+    committed.expect("the last-seen write failed to commit");
+    let mut ended = ended.expect("the logout failed");
+    ended.sort_by_key(|hash| hash.0);
+    let mut expected = vec![lower.id_hash, higher.id_hash];
+    expected.sort_by_key(|hash| hash.0);
+    assert_eq!(ended, expected);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM session_activity")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    pool.close().await;
+}
+
 /// A session record with tokens the size of real ones (an ID token of ~900 characters), stored
 /// through the repository as a login stores it.
 async fn insert_full_sized_session(app: &TestApp, n: usize) -> token_broker::store::SessionRecord {
+    insert_full_sized_session_with_id(app, n, uuid::Uuid::new_v4()).await
+}
+
+async fn insert_full_sized_session_with_id(
+    app: &TestApp,
+    n: usize,
+    id: uuid::Uuid,
+) -> token_broker::store::SessionRecord {
     let now = Utc::now();
     let token = |len: usize| "t".repeat(len);
     let record = token_broker::store::SessionRecord {
-        id: uuid::Uuid::new_v4(),
+        id,
         id_hash: SessionId::generate().hash(),
         user: token_broker::domain::UserClaims::select(format!("user-{n}"), &Default::default()),
         idp_sid: Some(token(36)),
