@@ -295,10 +295,10 @@ ensure_psql() {
 
 # --- gateways (tests/api/gateways.rs runs real nginx and Caddy) -----------------------------------------
 
-# gateway_path NAME: the binary on PATH, or in /usr/sbin (Debian's nginx, not on a user's PATH).
-# Prints where the program is, or nothing (status 0 either way: under `set -e` a failing
-# `VAR=$(gateway_path nginx)` would end the script without a word).
-gateway_path() {
+# program_path NAME: the binary on PATH, or in /usr/sbin (Debian's nginx and pgbouncer, not on a
+# user's PATH). Prints where the program is, or nothing (status 0 either way: under `set -e` a
+# failing `VAR=$(program_path nginx)` would end the script without a word).
+program_path() {
   command -v "$1" 2>/dev/null && return 0
   if [[ -x "/usr/sbin/$1" ]]; then echo "/usr/sbin/$1"; fi
 }
@@ -319,16 +319,16 @@ stop_package_services() {
 # → `apt-get install nginx caddy`. Exported for the tests, which fail (never skip) without them.
 ensure_gateways() {
   local missing=() how="found"
-  TOKEN_BROKER_NGINX="${TOKEN_BROKER_NGINX:-$(gateway_path nginx)}"
-  TOKEN_BROKER_CADDY="${TOKEN_BROKER_CADDY:-$(gateway_path caddy)}"
+  TOKEN_BROKER_NGINX="${TOKEN_BROKER_NGINX:-$(program_path nginx)}"
+  TOKEN_BROKER_CADDY="${TOKEN_BROKER_CADDY:-$(program_path caddy)}"
   [[ -n "$TOKEN_BROKER_NGINX" ]] || missing+=(nginx)
   [[ -n "$TOKEN_BROKER_CADDY" ]] || missing+=(caddy)
   if ((${#missing[@]})); then
     apt_install "${missing[@]}" ||
       die "the gateway tests (tests/api/gateways.rs) need: ${missing[*]}. Install (Debian: apt-get install --no-install-recommends ${missing[*]}; needs root or sudo), put on PATH, or set TOKEN_BROKER_NGINX / TOKEN_BROKER_CADDY"
     stop_package_services "${missing[@]}"
-    TOKEN_BROKER_NGINX="${TOKEN_BROKER_NGINX:-$(gateway_path nginx)}"
-    TOKEN_BROKER_CADDY="${TOKEN_BROKER_CADDY:-$(gateway_path caddy)}"
+    TOKEN_BROKER_NGINX="${TOKEN_BROKER_NGINX:-$(program_path nginx)}"
+    TOKEN_BROKER_CADDY="${TOKEN_BROKER_CADDY:-$(program_path caddy)}"
     [[ -n "$TOKEN_BROKER_NGINX" && -n "$TOKEN_BROKER_CADDY" ]] || die "${missing[*]} installed, but not found on PATH or in /usr/sbin"
     how="installed ${missing[*]} with apt-get"
   fi
@@ -338,6 +338,26 @@ ensure_gateways() {
     die "$TOKEN_BROKER_NGINX lacks the auth_request module (Debian's nginx has it); set TOKEN_BROKER_NGINX to one that has it"
   export TOKEN_BROKER_NGINX TOKEN_BROKER_CADDY
   say "gateways ($how): nginx $("$TOKEN_BROKER_NGINX" -v 2>&1 | sed 's#.*nginx/##') at $TOKEN_BROKER_NGINX, caddy $("$TOKEN_BROKER_CADDY" version 2>/dev/null | awk '{print $1}') at $TOKEN_BROKER_CADDY"
+}
+
+# --- PgBouncer (tests/api/database_poolers.rs runs the broker through a real one) ----------------------
+
+# $TOKEN_BROKER_PGBOUNCER → PATH (and /usr/sbin) → `apt-get install pgbouncer`. Exported for the test,
+# which fails (never skips) without it. The package's own service (port 6432) is not left running.
+ensure_pgbouncer() {
+  local how="found"
+  TOKEN_BROKER_PGBOUNCER="${TOKEN_BROKER_PGBOUNCER:-$(program_path pgbouncer)}"
+  if [[ -z "$TOKEN_BROKER_PGBOUNCER" ]]; then
+    apt_install pgbouncer ||
+      die "the PgBouncer test (tests/api/database_poolers.rs) needs pgbouncer. Install (Debian: apt-get install --no-install-recommends pgbouncer; needs root or sudo), put on PATH, or set TOKEN_BROKER_PGBOUNCER"
+    stop_package_services pgbouncer
+    TOKEN_BROKER_PGBOUNCER="$(program_path pgbouncer)"
+    [[ -n "$TOKEN_BROKER_PGBOUNCER" ]] || die "pgbouncer installed, but not found on PATH or in /usr/sbin"
+    how="installed with apt-get"
+  fi
+  [[ -x "$TOKEN_BROKER_PGBOUNCER" ]] || die "TOKEN_BROKER_PGBOUNCER=$TOKEN_BROKER_PGBOUNCER is not an executable"
+  export TOKEN_BROKER_PGBOUNCER
+  say "PgBouncer ($how): $("$TOKEN_BROKER_PGBOUNCER" --version 2>/dev/null | head -n 1) at $TOKEN_BROKER_PGBOUNCER"
 }
 
 # --- Kubernetes manifests (tests/api/deploy_files.rs renders deploy/kubernetes and validates it) ------

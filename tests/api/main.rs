@@ -7,6 +7,7 @@ mod helpers;
 mod backchannel_logout;
 mod callback_attacks;
 mod database_connections;
+mod database_poolers;
 mod database_stalls;
 mod deploy_files;
 mod faults;

@@ -80,9 +80,13 @@ impl Connections {
     /// without it, each request given up on would leave a backend waiting behind, and enough of
     /// them would use up the server's connections. (Set after connecting, not by a startup
     /// `options` parameter, which poolers such as PgBouncer refuse.)
+    ///
+    /// Nor is sqlx's `extra_float_digits` startup parameter sent: PgBouncer closes a connection
+    /// that names a parameter it does not know (unless its operator lists it in
+    /// `ignore_startup_parameters`), and the broker stores no floating-point values.
     pub fn new(connect: PgConnectOptions, max_connections: u32, time_out: Duration) -> Self {
         Self {
-            connect,
+            connect: connect.extra_float_digits(None),
             statement_timeout: format!("{}ms", time_out.as_millis()),
             acquire_timeout: ACQUIRE_TIMEOUT.min(time_out),
             permits: Semaphore::new(usize::try_from(max_connections).unwrap_or(usize::MAX)),
