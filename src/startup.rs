@@ -99,7 +99,7 @@ pub struct Application {
     readiness: web::Data<Readiness>,
     /// The expired-session sweep; dropped (and so stopped) with the application.
     sweep: Option<SweepTask>,
-    /// Writes the queued last-seen times every 50 ms; stopped with the application.
+    /// Writes the queued last-seen times every 10 ms; stopped with the application.
     touch_flush: TouchFlushTask,
 }
 

@@ -3,7 +3,7 @@
 //! The common case is one Redis `GET` and nothing else. The idle timeout slides without a write
 //! on every call: `last_seen_at` is moved only when it is older than [`touch_interval`] (so a
 //! session may end up to that much earlier than its exact idle limit): in the cached view at
-//! once, in PostgreSQL by the replica's touch queue within 50 ms ([`super::touch`]).
+//! once, in PostgreSQL by the replica's touch queue within 10 ms ([`super::touch`]).
 //! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches
 //! the view after the answer (not before it).
 
@@ -133,7 +133,7 @@ impl Broker {
         let stale = (now - session.last_seen_at).to_std().unwrap_or_default()
             >= touch_interval(self.config.session_idle_timeout);
         if stale {
-            // The cached view gets the time below; PostgreSQL within 50 ms (`touch`).
+            // The cached view gets the time below; PostgreSQL within 10 ms (`touch`).
             session.last_seen_at = now;
             self.touches.record(session.id, hash, now);
         }

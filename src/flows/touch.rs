@@ -5,14 +5,17 @@
 //! queues the new time here; every [`FLUSH_INTERVAL`] the queue is written to PostgreSQL in one
 //! statement for every session touched meanwhile. A request never waits for a PostgreSQL write
 //! (or its WAL flush) to answer: after a Redis flush, when every session is read from
-//! PostgreSQL once and most are due for a touch, that is a few batched writes a second instead of
-//! one per request (docs/benchmarks.md, cold path). The interval is short so that each batch is
+//! PostgreSQL once and most are due for a touch, that is at most a hundred batched writes a
+//! second instead of one per request (docs/benchmarks.md, cold path). The interval is short so that each batch is
 //! small, and the batch commits asynchronously (it does not wait for its WAL flush). Requests
 //! served while a batch ran made up most of the cold path's slowest percent: at about 1,150 cold
 //! requests a second, 200 ms batches (9 ms each) ran 5 % of the time and overlapped 56 % of
 //! the requests above the p99 (the broker's access log against these batches' debug lines);
 //! 50 ms batches of 2–3 ms brought the cold p99 from 3.6 ms to 2.3 and 1.9 ms (`scripts/bench
-//! --cold-only`, one run before, two after; one batch a second had been worse still).
+//! --cold-only`, one run before, two after; one batch a second had been worse still), and 10 ms
+//! batches, each one statement, from 1.52 to 0.94 ms at 2,000 cold requests a second and from
+//! 2.41 to 1.47 ms at 4,000 (`scripts/bench-cold-ab`, medians of four pairs of runs; lower in
+//! every pair). A flush is one round trip, so an empty queue costs nothing and a small one little.
 //!
 //! The times are written to `session_activity`, a table of narrow rows (id and time), not to the
 //! session's own row. When they were in the ~1.6 KB session rows, each write was usually the
@@ -44,7 +47,7 @@ use crate::domain::SessionIdHash;
 use crate::store::StoreError;
 
 /// How often a replica writes its queued times.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Sessions one queue holds at most (about 100 bytes each): far more than one interval's
 /// distinct sessions, so only a long PostgreSQL outage under heavy traffic reaches it.
 const MAX_QUEUED: usize = 100_000;
@@ -120,8 +123,8 @@ impl Broker {
     /// written stay queued.
     pub async fn flush_touches(&self) -> Result<usize, StoreError> {
         let started = std::time::Instant::now();
-        // Each batch is written in id order (`touch_many` sorts it), so two replicas' flushes over
-        // the same rows lock them alike; the batches themselves are separate transactions.
+        // Each batch locks its rows in id order (`touch_many`), so two replicas' flushes over the
+        // same rows lock them alike; the batches themselves are separate transactions.
         let touches: Vec<(Uuid, QueuedTouch)> = self.touches.take().into_iter().collect();
         let mut written = 0;
         let mut rest = touches.as_slice();

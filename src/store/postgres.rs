@@ -420,31 +420,27 @@ impl SessionRepository for PgSessionRepository {
         // writer flushes it within 3 × wal_writer_delay). Last-seen times are the one write the
         // broker can lose in a PostgreSQL crash without harm: a lost one makes the session end
         // up to one touch interval early, as a replica's crash already could (flows/touch.rs).
-        // Every other write keeps the server's synchronous_commit.
+        // Every other write keeps the server's synchronous_commit. One statement, so one round
+        // trip: `set_config(…, true)` holds for the statement's own transaction, whose commit
+        // reads it (the same as BEGIN; SET LOCAL …; UPDATE …; COMMIT, in four).
         let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = touches.iter().copied().unzip();
+        let written = sqlx::query_scalar(
+            "WITH asynchronous AS MATERIALIZED (
+                 SELECT set_config('synchronous_commit', 'off', true)),
+             locked AS MATERIALIZED (
+                 SELECT id FROM session_activity WHERE id = ANY($1::uuid[])
+                 ORDER BY id FOR UPDATE)
+             UPDATE session_activity a
+             SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
+             WHERE a.id = t.id AND a.id IN (SELECT id FROM locked)
+               AND EXISTS (SELECT FROM asynchronous)
+             RETURNING a.id",
+        )
+        .bind(&ids)
+        .bind(&times);
         let written: std::collections::HashSet<Uuid> = self
-            .within_time_out(async |connection| {
-                let mut transaction = connection.begin().await?;
-                sqlx::query("SET LOCAL synchronous_commit = off")
-                    .execute(&mut *transaction)
-                    .await?;
-                let written = sqlx::query_scalar(
-                    "WITH locked AS MATERIALIZED (
-                         SELECT id FROM session_activity WHERE id = ANY($1::uuid[])
-                         ORDER BY id FOR UPDATE)
-                     UPDATE session_activity a
-                     SET last_seen_at = GREATEST(a.last_seen_at, t.last_seen_at)
-                     FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, last_seen_at)
-                     WHERE a.id = t.id AND a.id IN (SELECT id FROM locked)
-                     RETURNING a.id",
-                )
-                .bind(&ids)
-                .bind(&times)
-                .fetch_all(&mut *transaction)
-                .await?;
-                transaction.commit().await?;
-                Ok(written)
-            })
+            .within_time_out(async |connection| Ok(written.fetch_all(connection).await?))
             .await?
             .into_iter()
             .collect();

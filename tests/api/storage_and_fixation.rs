@@ -485,7 +485,7 @@ async fn a_used_session_has_its_last_seen_time_written_to_postgresql_within_a_fl
     let used_at = token_broker::clock::Clock::now(&clock);
     assert_eq!(app.get_session(&browser).await.status(), 200);
 
-    // Assert: PostgreSQL has the new time within the flush interval (50 ms), with margin.
+    // Assert: PostgreSQL has the new time within the flush interval (10 ms), with margin.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let seen = stored_last_seen(&app, &browser).await.unwrap();
@@ -521,7 +521,7 @@ async fn a_session_deleted_behind_its_cached_view_ends_when_its_touch_finds_the_
     clock.advance(Duration::minutes(2));
     assert_eq!(app.get_session(&browser).await.status(), 200);
 
-    // Assert: the flush (every 50 ms) finds no row and ends the view with a tombstone.
+    // Assert: the flush (every 10 ms) finds no row and ends the view with a tombstone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while app.get_session(&browser).await.status() != 401 {
         assert!(
