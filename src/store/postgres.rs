@@ -113,34 +113,40 @@ impl PgSessionRepository {
     /// Deletes the sessions that `condition` (over `sessions`, with `binds` as `$1`, `$2`, …)
     /// selects, and returns their `id_hash`.
     ///
-    /// A plain DELETE locks the sessions rows in its plan's order, and its cascade then takes
-    /// their `session_activity` rows in that order too; so the rows are locked first, in the
-    /// module's order (all the session rows by id, then all the activity rows by id: the Sort
-    /// below the activity rows' lock consumes every session row first), in the same transaction.
+    /// A plain DELETE locks the session rows in its plan's order, and its cascade then takes
+    /// their `session_activity` rows in that order too; so, in one transaction, the session
+    /// rows are locked first, then their activity rows (the module's order: each by id), and
+    /// only the sessions locked are deleted (one stored meanwhile is not: its rows were not
+    /// taken in order).
     async fn delete_sessions_where(
         &self,
         condition: &str,
         binds: &[Option<&str>],
     ) -> Result<Vec<SessionIdHash>, StoreError> {
-        let lock = format!(
-            "WITH doomed AS MATERIALIZED (
-                 SELECT id FROM sessions WHERE {condition} ORDER BY id FOR UPDATE)
-             SELECT a.id FROM session_activity a
-             WHERE a.id IN (SELECT id FROM doomed)
-             ORDER BY a.id FOR UPDATE"
-        );
-        let delete = format!("DELETE FROM sessions WHERE {condition} RETURNING id_hash");
+        let lock_sessions =
+            format!("SELECT id FROM sessions WHERE {condition} ORDER BY id FOR UPDATE");
         let rows = self
             .within_time_out(async |connection| {
                 let mut transaction = connection.begin().await?;
-                let mut lock = sqlx::query(&lock);
-                let mut delete = sqlx::query(&delete);
+                let mut sessions = sqlx::query_scalar(&lock_sessions);
                 for bind in binds {
-                    lock = lock.bind(bind);
-                    delete = delete.bind(bind);
+                    sessions = sessions.bind(bind);
                 }
-                lock.execute(&mut *transaction).await?;
-                let rows = delete.fetch_all(&mut *transaction).await?;
+                let ids: Vec<Uuid> = sessions.fetch_all(&mut *transaction).await?;
+                if ids.is_empty() {
+                    transaction.commit().await?;
+                    return Ok(Vec::new());
+                }
+                sqlx::query(
+                    "SELECT id FROM session_activity WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                )
+                .bind(&ids)
+                .execute(&mut *transaction)
+                .await?;
+                let rows = sqlx::query("DELETE FROM sessions WHERE id = ANY($1) RETURNING id_hash")
+                    .bind(&ids)
+                    .fetch_all(&mut *transaction)
+                    .await?;
                 transaction.commit().await?;
                 Ok(rows)
             })

@@ -499,6 +499,75 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL
 
+/// What the server has written to its WAL but not yet flushed to disk, in bytes.
+async fn unflushed_wal(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - pg_current_wal_flush_lsn())::bigint")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_last_seen_batch_commits_without_waiting_for_its_wal_flush_and_a_login_waits() {
+    // Arrange: a private server on which nothing flushes WAL but a commit that waits for it: the
+    // WAL writer at most every 10 s, no standby snapshots (wal_level minimal), no autovacuum.
+    let postgres = PrivatePostgres::start();
+    let admin = sqlx::PgPool::connect(&postgres.url()).await.unwrap();
+    for setting in [
+        "wal_level = 'minimal'",
+        "max_wal_senders = 0",
+        "wal_writer_delay = '10s'",
+        "autovacuum = off",
+    ] {
+        sqlx::query(&format!("ALTER SYSTEM SET {setting}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    postgres.stop();
+    postgres.start_server();
+    let database_url = postgres.url();
+    let app = spawn_app_with(|s| s.settings.database_url = Some(database_url)).await;
+    let pool = sqlx::PgPool::connect(&postgres.url()).await.unwrap();
+
+    // Act: a login (its session stored), then a last-seen batch for that session.
+    let browser = app.logged_in_browser("alice").await;
+    let after_login = unflushed_wal(&pool).await;
+    let session = app
+        .broker
+        .sessions
+        .find(&session_hash(&browser))
+        .await
+        .unwrap()
+        .unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::minutes(5);
+    let gone = app
+        .broker
+        .sessions
+        .touch_many(&[(session.id, later)])
+        .await
+        .unwrap();
+    let after_batch = unflushed_wal(&pool).await;
+
+    // Assert: the login's commit waited for its WAL to reach the disk; the batch's did not (a
+    // crash may lose it: README, idle timeout precision), and it was written all the same.
+    assert!(gone.is_empty());
+    assert_eq!(after_login, 0, "the login's commit flushed the WAL");
+    assert!(
+        after_batch > 0,
+        "the last-seen batch waited for its WAL flush (synchronous commit)"
+    );
+    let stored: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT last_seen_at FROM session_activity WHERE id = $1")
+            .bind(session.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.timestamp_micros(), later.timestamp_micros());
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_and_all_recovers() {
     let postgres = PrivatePostgres::start();
