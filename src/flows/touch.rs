@@ -6,11 +6,12 @@
 //! statement for every session touched meanwhile. A request never waits for a PostgreSQL write
 //! (or its WAL flush) to answer: after a Redis flush, when every session is read from
 //! PostgreSQL once and most are due for a touch, that is at most a hundred batched writes a
-//! second instead of one per request (docs/benchmarks.md, cold path). The interval is short so that each batch is
-//! small, and the batch commits asynchronously (it does not wait for its WAL flush). Requests
-//! served while a batch ran made up most of the cold path's slowest percent: at about 1,150 cold
-//! requests a second, 200 ms batches (9 ms each) ran 5 % of the time and overlapped 56 % of
-//! the requests above the p99 (the broker's access log against these batches' debug lines);
+//! second instead of one per request (docs/benchmarks.md, cold path). The interval is short so
+//! that each batch is small, and the batch commits asynchronously (it does not wait for its WAL
+//! flush). Requests served while a batch ran made up most of the cold path's slowest percent: at
+//! about 1,150 cold requests a second, 200 ms batches (9 ms each) ran 5 % of the time and
+//! overlapped 56 % of the requests above the p99 (the broker's access log against these batches'
+//! debug lines);
 //! 50 ms batches of 2–3 ms brought the cold p99 from 3.6 ms to 2.3 and 1.9 ms (`scripts/bench
 //! --cold-only`, one run before, two after; one batch a second had been worse still), and 10 ms
 //! batches, each one statement, from 1.52 to 0.94 ms at 2,000 cold requests a second and from
