@@ -663,6 +663,44 @@ async fn the_sweep_skips_a_session_whose_last_seen_write_is_in_flight_instead_of
     pool.close().await;
 }
 
+/// Two sessions stored through the repository, the one with the higher id first (so first in the
+/// table, where a plain scan meets it first), of users `user-{users[0]}` (the lower id) and
+/// `user-{users[1]}`. Returns them lower id first.
+async fn two_sessions_higher_id_stored_first(
+    app: &TestApp,
+    users: [usize; 2],
+) -> [token_broker::store::SessionRecord; 2] {
+    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+    ids.sort();
+    let higher = insert_full_sized_session_with_id(app, users[1], ids[1]).await;
+    let lower = insert_full_sized_session_with_id(app, users[0], ids[0]).await;
+    [lower, higher]
+}
+
+/// Takes the row `id` of `table` in `transaction` without waiting for it: an error when another
+/// transaction holds it.
+async fn take_row_without_waiting(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &str,
+    id: uuid::Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE NOWAIT"
+    ))
+    .bind(id)
+    .execute(&mut **transaction)
+    .await
+    .map(|_| ())
+}
+
+/// What a spawned operation returned; it must finish within 5 s.
+async fn finished<T>(task: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within 5 s"))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_last_seen_write_takes_its_rows_in_id_order_whatever_its_plan() {
     // Arrange: two sessions, the one with the higher id stored first (first in the table); a
@@ -670,11 +708,9 @@ async fn a_last_seen_write_takes_its_rows_in_id_order_whatever_its_plan() {
     // after five runs (for this table, a hash join that follows the table); another write
     // holds the lower id's row.
     let app = spawn_app().await;
-    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
-    ids.sort();
-    let [lower, higher] = ids;
-    insert_full_sized_session_with_id(&app, 0, higher).await;
-    insert_full_sized_session_with_id(&app, 1, lower).await;
+    let [lower, higher] = two_sessions_higher_id_stored_first(&app, [1, 0])
+        .await
+        .map(|session| session.id);
     let pool = app.database.pool().await;
     sqlx::query(&format!(
         r#"ALTER DATABASE "{}" SET plan_cache_mode = force_generic_plan"#,
@@ -697,15 +733,10 @@ async fn a_last_seen_write_takes_its_rows_in_id_order_whatever_its_plan() {
             .await
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let higher_row = sqlx::query("SELECT 1 FROM session_activity WHERE id = $1 FOR UPDATE NOWAIT")
-        .bind(higher)
-        .execute(&mut *other_writer)
-        .await;
+    let higher_row = take_row_without_waiting(&mut other_writer, "session_activity", higher).await;
     other_writer.commit().await.unwrap();
-    let gone = tokio::time::timeout(std::time::Duration::from_secs(5), write)
+    let gone = finished(write, "the write")
         .await
-        .expect("the write did not finish")
-        .unwrap()
         .expect("the write failed");
 
     // Assert: the write was waiting at the lower id and had not taken the higher one (in any
@@ -732,16 +763,12 @@ async fn a_logout_of_several_sessions_takes_their_rows_in_id_order() {
     // Arrange: one user's two sessions, the one with the higher id stored first; another
     // transaction holds the lower id's session row (as `rotate-keys` does while it reseals).
     let app = spawn_app().await;
-    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
-    ids.sort();
-    let [lower, higher] = ids;
-    insert_full_sized_session_with_id(&app, 3, higher).await;
-    insert_full_sized_session_with_id(&app, 3, lower).await;
+    let [lower, higher] = two_sessions_higher_id_stored_first(&app, [3, 3])
+        .await
+        .map(|session| session.id);
     let pool = app.database.pool().await;
     let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
-        .bind(lower)
-        .execute(&mut *holder)
+    take_row_without_waiting(&mut holder, "sessions", lower)
         .await
         .unwrap();
 
@@ -750,15 +777,10 @@ async fn a_logout_of_several_sessions_takes_their_rows_in_id_order() {
     let broker = app.broker.clone();
     let logout = tokio::spawn(async move { broker.sessions.delete_by_subject("user-3").await });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let higher_row = sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE NOWAIT")
-        .bind(higher)
-        .execute(&mut *holder)
-        .await;
+    let higher_row = take_row_without_waiting(&mut holder, "sessions", higher).await;
     holder.commit().await.unwrap();
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), logout)
+    let ended = finished(logout, "the logout")
         .await
-        .expect("the logout did not finish")
-        .unwrap()
         .expect("the logout failed");
 
     // Assert: the logout was waiting at the lower id and had not taken the higher one; then it
@@ -774,11 +796,7 @@ async fn a_back_channel_logout_and_a_last_seen_write_over_the_same_sessions_neve
     // plain DELETE's cascade reaches its activity row first); a last-seen write that has taken
     // the lower one's row and will take the higher one's next (touch_many goes in id order).
     let app = spawn_app().await;
-    let mut ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
-    ids.sort();
-    let [lower, higher] = ids;
-    let higher = insert_full_sized_session_with_id(&app, 7, higher).await;
-    let lower = insert_full_sized_session_with_id(&app, 7, lower).await;
+    let [lower, higher] = two_sessions_higher_id_stored_first(&app, [7, 7]).await;
     let pool = app.database.pool().await;
     let mut writer = pool.begin().await.unwrap();
     hold_activity_row(&mut writer, lower.id).await.unwrap();
@@ -790,10 +808,7 @@ async fn a_back_channel_logout_and_a_last_seen_write_over_the_same_sessions_neve
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let second_row = hold_activity_row(&mut writer, higher.id).await;
     let committed = writer.commit().await;
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), logout)
-        .await
-        .expect("the logout did not finish")
-        .unwrap();
+    let ended = finished(logout, "the logout").await;
 
     // Assert: neither was ended by PostgreSQL's deadlock detector; both sessions are gone.
     second_row.expect("the last-seen write failed");
