@@ -3,10 +3,17 @@
 //! - `bare ADDR BODY_FILE`: an actix-web handler answering every GET with a constant JSON body
 //!   (the body `/session` returned, so both answers have the same size): the baseline.
 //! - `redis-get ADDR BODY_FILE REDIS_URL`: the same, after one Redis `GET` per request.
+//! - `cache-aside ADDR BODY_FILE REDIS_URL DATABASE_URL KEY_PREFIX`: the least a `/session` can do
+//!   when Redis caches what PostgreSQL holds, the cold path's baseline: one Redis `GET` by the
+//!   `session` cookie's hash; on a miss, one `SELECT` of the session's claims from the broker's
+//!   `sessions` table (the broker's own connections), the answer, and then a `SET` of them in a
+//!   task of its own. Nothing decrypted, no expiry checked, no last-seen time written: what is
+//!   left is the round trips.
 //! - `idp ADDR REDIRECT_URI CLIENT_SECRET`: the development IdP (ES256), for the broker's logins.
 //! - `logins BROKER_URL COUNT CONCURRENCY`: COUNT logins (`/login` → the IdP's form →
 //!   `/callback`, each a new browser) from CONCURRENCY workers; prints `logins failed seconds`.
-//! - `seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE`: COUNT live sessions written
+//! - `seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE`: COUNT live sessions, last used
+//!   five minutes ago (so their next use writes a last-seen time), written
 //!   to PostgreSQL as the broker writes them (sealed under the key), their cookies to COOKIE_FILE.
 //! - `fixed-rate URL COOKIE_FILE RATE SECONDS`: GET URL at RATE requests a second for SECONDS,
 //!   each with a random `session` cookie from COOKIE_FILE, whether or not earlier ones were
@@ -20,14 +27,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures_util::{stream, StreamExt};
 use redis::AsyncCommands;
 use reqwest::header::COOKIE;
 use token_broker::crypto::{random_token, Cipher, EncryptionKey};
 use token_broker::dev_idp::{DevIdp, DevIdpOptions, SigningAlg};
 use token_broker::domain::{AccessToken, IdToken, RefreshToken, SessionId, UserClaims};
-use token_broker::store::postgres::{Connections, PgSessionRepository};
+use token_broker::store::postgres::{Connections, PgSessionRepository, Pools};
 use token_broker::store::{CachedAccessToken, SessionRecord, SessionRepository};
 
 #[path = "common/http.rs"]
@@ -36,6 +43,7 @@ use http::{cookie, location};
 
 fn usage() -> ! {
     eprintln!("usage: bench_support bare ADDR BODY_FILE | redis-get ADDR BODY_FILE REDIS_URL | idp ADDR REDIRECT_URI CLIENT_SECRET");
+    eprintln!("       | cache-aside ADDR BODY_FILE REDIS_URL DATABASE_URL KEY_PREFIX");
     eprintln!("       | logins BROKER_URL COUNT CONCURRENCY | seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE");
     eprintln!("       | fixed-rate URL COOKIE_FILE RATE SECONDS");
     std::process::exit(2)
@@ -152,8 +160,13 @@ async fn seed_sessions(
                         expires_at: now + chrono::Duration::hours(1),
                         refresh_at: now + chrono::Duration::minutes(59),
                     }),
-                    created_at: now,
-                    last_seen_at: now,
+                    created_at: now - chrono::Duration::minutes(5),
+                    // Last used longer ago than the touch interval (a minute by default): a
+                    // returning user, whose first request after a Redis flush queues a last-seen
+                    // write, as in service. Seeded as just used, the sessions seeded within a
+                    // minute of a run cost no write in it, and how many those were depended on
+                    // how long the seeding took.
+                    last_seen_at: now - chrono::Duration::minutes(5),
                     expires_at: now + chrono::Duration::hours(12),
                 };
                 repository.insert(&record).await.expect("insert a session");
@@ -165,6 +178,57 @@ async fn seed_sessions(
         })
         .await;
     Ok(())
+}
+
+/// What the `cache-aside` server shares between its workers.
+struct CacheAside {
+    body: String,
+    redis: redis::aio::ConnectionManager,
+    pools: Pools,
+    prefix: String,
+}
+
+/// One `cache-aside` request: the session's cached claims, or (on a miss) its row's, then the
+/// constant body; 401 for no such session, 503 when a store fails.
+async fn cache_aside(request: HttpRequest, state: web::Data<CacheAside>) -> HttpResponse {
+    let Some(id) = request
+        .cookie("session")
+        .and_then(|cookie| SessionId::parse(cookie.value()))
+    else {
+        return HttpResponse::Unauthorized().finish();
+    };
+    let hash = id.hash();
+    let mut key = state.prefix.clone();
+    hash.push_hex(&mut key);
+    let mut redis = state.redis.clone();
+    match redis.get::<_, Option<Vec<u8>>>(&key).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let read = async {
+                let mut checkout = state.pools.get().checkout().await?;
+                let claims: Option<String> =
+                    sqlx::query_scalar("SELECT user_claims::text FROM sessions WHERE id_hash = $1")
+                        .bind(hash.as_bytes())
+                        .fetch_optional(checkout.connection())
+                        .await?;
+                checkout.give_back().await;
+                Ok::<_, sqlx::Error>(claims)
+            };
+            match read.await {
+                Ok(Some(claims)) => {
+                    tokio::spawn(async move {
+                        let _: Result<(), _> = redis.set_ex(key, claims, 600).await;
+                    });
+                }
+                Ok(None) => return HttpResponse::Unauthorized().finish(),
+                Err(_) => return HttpResponse::ServiceUnavailable().finish(),
+            }
+        }
+        Err(_) => return HttpResponse::ServiceUnavailable().finish(),
+    }
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(state.body.clone())
 }
 
 async fn fixed_rate(
@@ -191,21 +255,32 @@ async fn fixed_rate(
     let (warm_up, total) = (rate, rate * (seconds + 1));
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let mut requests = tokio::task::JoinSet::new();
+    let reported = Arc::new(AtomicU64::new(0));
     for n in 0..total {
         let due = start + every * n;
         tokio::time::sleep_until(due).await;
         let cookie = cookies[rand::thread_rng().gen_range(0..cookies.len())].clone();
         let request = http.get(&url).header(COOKIE, cookie);
         let measured = n >= warm_up;
+        let reported = reported.clone();
         requests.spawn(async move {
             // Timed from when it was sent: tokio's timer wakes up to a millisecond after `due`,
             // which would add up to 1 ms to every figure. How late sends were is reported apart,
             // so a stalled sender (coordinated omission) shows instead of hiding.
             let sent = tokio::time::Instant::now();
-            let ok = match request.send().await {
-                Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
-                Err(_) => false,
+            let failure = match request.send().await {
+                Ok(response) if !response.status().is_success() => {
+                    Some(format!("status {}", response.status()))
+                }
+                Ok(response) => response.bytes().await.err().map(|e| e.to_string()),
+                Err(error) => Some(format!("{error:?}")),
             };
+            let ok = failure.is_none();
+            if let Some(failure) = failure.filter(|_| measured) {
+                if reported.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("request {n} failed: {failure}");
+                }
+            }
             (measured, ok, sent.elapsed(), sent - due)
         });
     }
@@ -270,6 +345,27 @@ async fn main() -> std::io::Result<()> {
                         HttpResponse::Ok().content_type("application/json").body(body.get_ref().clone())
                     },
                 ))
+            })
+            .bind(arg(1))?
+            .run()
+            .await
+        }
+        "cache-aside" => {
+            let client = redis::Client::open(arg(3)).map_err(std::io::Error::other)?;
+            let state = web::Data::new(CacheAside {
+                body: std::fs::read_to_string(arg(2))?,
+                redis: redis::aio::ConnectionManager::new(client)
+                    .await
+                    .map_err(std::io::Error::other)?,
+                // As the broker's: a few connections per worker thread, no ping per query.
+                pools: Pools::per_thread(&arg(4), Duration::from_secs(5))
+                    .map_err(std::io::Error::other)?,
+                prefix: arg(5),
+            });
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(state.clone())
+                    .default_service(web::to(cache_aside))
             })
             .bind(arg(1))?
             .run()
