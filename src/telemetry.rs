@@ -10,6 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use tracing::subscriber::Interest;
+use tracing::Metadata;
+use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -35,6 +41,43 @@ static ACCESS_LINES: OnceLock<&'static LogWriter> = OnceLock::new();
 
 /// Whether lines are human-readable ([`LogFormat::Pretty`]): they carry the request ID in a span.
 static PRETTY: AtomicBool = AtomicBool::new(false);
+
+/// Set when shutdown has closed the listening socket while actix-server's accept thread still
+/// watches it ([`listener_closed`]).
+static LISTENER_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// The target of actix-server's accept thread's events.
+const ACCEPT_TARGET: &str = "actix_server::accept";
+
+/// Says that shutdown closes the listening socket on purpose (see `startup`): the one error
+/// actix-server's accept thread then logs ("Error accepting connection: Invalid argument") is
+/// expected, not an alert, and is left out. Its other errors until then (say, out of file
+/// descriptors) are still logged.
+pub fn listener_closed() {
+    LISTENER_CLOSED.store(true, Ordering::SeqCst);
+}
+
+/// Leaves out the accept thread's errors once [`listener_closed`] was called. Only that thread's
+/// events are looked at one by one (their callsites' interest is "sometimes"); every other
+/// callsite is left to `RUST_LOG` and cached as usual, so the filter costs the broker's own
+/// events nothing.
+fn expected_accept_errors<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber,
+{
+    DynFilterFn::new(|metadata: &Metadata<'_>, _: &Context<'_, S>| {
+        !(metadata.target() == ACCEPT_TARGET
+            && *metadata.level() == tracing::Level::ERROR
+            && LISTENER_CLOSED.load(Ordering::SeqCst))
+    })
+    .with_callsite_filter(|metadata| {
+        if metadata.target() == ACCEPT_TARGET {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    })
+}
 
 /// Runs a request's future with its ID: every JSON line it logs carries `"request_id"`, from a
 /// task-local rather than a tracing span (a span per request was ~8 % of a cached `/session`'s
@@ -147,8 +190,10 @@ where
         LogFormat::Json => builder
             .fmt_fields(JsonMembers)
             .event_format(JsonLines)
+            .finish()
+            .with(expected_accept_errors())
             .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Pretty => builder.finish().with(expected_accept_errors()).try_init(),
     };
     installed.is_ok()
 }

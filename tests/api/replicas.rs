@@ -3,7 +3,7 @@
 //! `proxy_next_upstream error timeout http_502` for the idempotent requests a browser and a
 //! gateway send. A login whose steps land on different replicas works, and a rolling restart
 //! (SIGTERM with `BROKER_SHUTDOWN_DELAY`, exit 0, start again on the same port) under constant load
-//! fails no request at all.
+//! fails no request at all: not even a relayed `POST`, which nginx never retries once sent.
 //!
 //! The helpers here (free ports, temporary directories, the broker binary on a chosen port) are
 //! shared with `faults`.
@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::helpers::*;
 
@@ -190,7 +192,8 @@ impl Nginx {
                      proxy_set_header Host $http_host;\n\
                      proxy_connect_timeout 1s;\n\
                      proxy_read_timeout 30s;\n\
-                     # GET/HEAD only (nginx never retries a non-idempotent request that was sent).\n\
+                     # Never a POST that was sent (non_idempotent is off): the broker must not\n\
+                     # close a connection under one (src/startup.rs).\n\
                      proxy_next_upstream error timeout http_502;\n\
                      proxy_next_upstream_timeout 10s;\n\
                  }}\n\
@@ -308,20 +311,34 @@ async fn a_login_whose_steps_land_on_different_replicas_works_directly_and_throu
 #[derive(Debug, Default)]
 struct Tally {
     ok: usize,
+    /// The relayed `POST`s answered 200, by their unique path.
+    posted: Vec<String>,
     failures: Vec<String>,
 }
 
-/// `/session` and `/auth` in `loops` concurrent loops through `base` until `stop`.
+/// One load loop's request, again and again.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Session,
+    Auth,
+    /// A `POST` through the token relay to the `orders` route, each to a path of its own: a
+    /// request nginx never retries once it was sent.
+    RelayPost,
+}
+
+/// The loops of `loads` against `base` until `stop`, each with its own kept-alive client.
 fn hammer(
     base: &str,
     browser: &Browser,
-    loops: usize,
+    loads: &[Load],
     stop: Arc<AtomicBool>,
 ) -> (Arc<Mutex<Tally>>, Vec<tokio::task::JoinHandle<()>>) {
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let handles = (0..loops)
-        .map(|n| {
-            let (base, cookie) = (base.to_string(), browser.cookie_header());
+    let handles = loads
+        .iter()
+        .enumerate()
+        .map(|(n, load)| {
+            let (base, cookie, load) = (base.to_string(), browser.cookie_header(), *load);
             let (tally, stop) = (tally.clone(), stop.clone());
             tokio::spawn(async move {
                 // The client keeps its connections to nginx alive (as a browser would).
@@ -330,13 +347,24 @@ fn hammer(
                     .timeout(Duration::from_secs(20))
                     .build()
                     .unwrap();
-                let path = if n % 2 == 0 { "/session" } else { "/auth" };
+                let mut sent = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let result = http
-                        .get(format!("{base}{path}"))
-                        .header("cookie", &cookie)
-                        .send()
-                        .await;
+                    sent += 1;
+                    let (path, request) = match load {
+                        Load::Session => {
+                            ("/session".to_string(), http.get(format!("{base}/session")))
+                        }
+                        Load::Auth => ("/auth".to_string(), http.get(format!("{base}/auth"))),
+                        Load::RelayPost => {
+                            let path = format!("/api/orders/place/{n}-{sent}");
+                            let request = http
+                                .post(format!("{base}{path}"))
+                                .header("x-csrf", "1")
+                                .body(format!("order {n}-{sent}"));
+                            (path, request)
+                        }
+                    };
+                    let result = request.header("cookie", &cookie).send().await;
                     let failure = match result {
                         Ok(response) => {
                             let status = response.status();
@@ -353,6 +381,10 @@ fn hammer(
                     };
                     let mut tally = tally.lock().unwrap();
                     match failure {
+                        None if matches!(load, Load::RelayPost) => {
+                            tally.ok += 1;
+                            tally.posted.push(path);
+                        }
                         None => tally.ok += 1,
                         Some(failure) => tally.failures.push(failure),
                     }
@@ -361,6 +393,37 @@ fn hammer(
         })
         .collect();
     (tally, handles)
+}
+
+/// The relay's upstream for the `POST`s: answers 200 and keeps every path it was sent.
+struct OrdersUpstream {
+    url: String,
+    received: Arc<Mutex<Vec<String>>>,
+}
+
+impl OrdersUpstream {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let kept = web::Data::new(received.clone());
+        let server =
+            actix_web::HttpServer::new(move || {
+                actix_web::App::new().app_data(kept.clone()).default_service(web::to(
+                |request: HttpRequest, kept: web::Data<Arc<Mutex<Vec<String>>>>| async move {
+                    kept.lock().unwrap().push(request.path().to_string());
+                    HttpResponse::Ok().body("placed")
+                },
+            ))
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap()
+            .run();
+        tokio::spawn(server);
+        OrdersUpstream { url, received }
+    }
 }
 
 /// `http_requests_total` for `/session` and `/auth` on one replica.
@@ -392,13 +455,31 @@ fn rounds() -> usize {
 #[tokio::test]
 async fn a_rolling_restart_under_constant_load_through_nginx_fails_no_request() {
     let app = spawn_app().await;
-    let mut cluster = Cluster::start(&app, 3, &[("BROKER_SHUTDOWN_DELAY", "1s")]).await;
+    let orders = OrdersUpstream::start();
+    let routes = format!("orders={}/base", orders.url);
+    let mut cluster = Cluster::start(
+        &app,
+        3,
+        &[
+            ("BROKER_SHUTDOWN_DELAY", "1s"),
+            ("BROKER_API_ROUTES", &routes),
+        ],
+    )
+    .await;
     let nginx = Nginx::start(&cluster.ports);
     let browser = app.logged_in_browser("alice").await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let (tally, handles) = hammer(&nginx.url, &browser, 6, stop.clone());
+    let loads = [
+        Load::Session,
+        Load::Auth,
+        Load::RelayPost,
+        Load::Session,
+        Load::Auth,
+        Load::RelayPost,
+    ];
+    let (tally, handles) = hammer(&nginx.url, &browser, &loads, stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     for _ in 0..rounds() {
@@ -428,14 +509,17 @@ async fn a_rolling_restart_under_constant_load_through_nginx_fails_no_request() 
     let log = nginx.log();
     let retried = |what: &str| log.lines().filter(|l| l.contains(what)).count();
     println!(
-        "rolling restart: {} rounds over 3 replicas in {:?}: {} requests answered 200, {} failed; \
-         nginx passed on to the next replica after {} refused connections and {} closed \
-         kept-alive connections",
+        "rolling restart: {} rounds over 3 replicas in {:?}: {} requests answered 200 ({} of them \
+         relayed POSTs), {} failed; nginx passed on to the next replica after {} refused \
+         connections, {} connection time-outs (a request for a connection the replica no longer \
+         let in) and {} connections closed under a request",
         rounds(),
         started.elapsed(),
         tally.ok,
+        tally.posted.len(),
         tally.failures.len(),
         retried("Connection refused"),
+        retried("timed out"),
         retried("prematurely closed") + retried("reset by peer"),
     );
     assert!(
@@ -447,4 +531,15 @@ async fn a_rolling_restart_under_constant_load_through_nginx_fails_no_request() 
         nginx.log()
     );
     assert!(tally.ok > 200, "{}", tally.ok);
+    // Every POST answered reached the upstream, and exactly once.
+    let mut received = orders.received.lock().unwrap().clone();
+    received.sort();
+    let mut posted: Vec<String> = tally
+        .posted
+        .iter()
+        .map(|p| p.replacen("/api/orders", "/base", 1))
+        .collect();
+    posted.sort();
+    assert!(posted.len() > 50, "{}", posted.len());
+    assert_eq!(received, posted);
 }

@@ -1,6 +1,7 @@
-//! SIGTERM under load, on the real binary: `/readyz` turns 503 at once, requests in flight
-//! (a slow refresh among them) finish, new connections are refused once the listener closes,
-//! and the process exits 0 soon after; with `BROKER_SHUTDOWN_DELAY` it serves on until then.
+//! SIGTERM under load, on the real binary: `/readyz` turns 503 at once, every answer from then on
+//! closes its connection, requests in flight (a slow refresh among them) finish, new connections
+//! are refused once the listener closes, no request is closed unanswered, and the process exits
+//! 0 soon after, having logged no error; with `BROKER_SHUTDOWN_DELAY` it serves on until then.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,29 +28,45 @@ struct Record {
     started: Instant,
     path: &'static str,
     outcome: Outcome,
+    /// The answer said `Connection: close`.
+    closes: bool,
 }
 
 /// Sends and reads the whole response.
 async fn outcome(request: reqwest::RequestBuilder) -> Outcome {
-    match request.send().await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            match response.bytes().await {
-                Ok(_) => Outcome::Status(status),
-                Err(error) => Outcome::Broken(format!("body cut: {error:?}")),
-            }
-        }
-        Err(error) if error.is_connect() => Outcome::Refused,
+    outcome_and_close(request).await.0
+}
+
+/// Sends and reads the whole response; and whether it said `Connection: close`.
+async fn outcome_and_close(request: reqwest::RequestBuilder) -> (Outcome, bool) {
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(error) => return (failed(error), false),
+    };
+    let closes = response
+        .headers()
+        .get("connection")
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
+    let status = response.status().as_u16();
+    match response.bytes().await {
+        Ok(_) => (Outcome::Status(status), closes),
+        Err(error) => (Outcome::Broken(format!("body cut: {error:?}")), closes),
+    }
+}
+
+fn failed(error: reqwest::Error) -> Outcome {
+    match error {
+        error if error.is_connect() => Outcome::Refused,
         // No response head: the connection was closed (FIN) or reset (RST, a connection still
         // in the listen backlog when the listener closed) before the server read the request.
-        Err(error)
+        error
             if ["IncompleteMessage", "ConnectionReset"]
                 .iter()
                 .any(|kind| format!("{error:?}").contains(kind)) =>
         {
             Outcome::ClosedUnanswered
         }
-        Err(error) => Outcome::Broken(format!("{error:?}")),
+        error => Outcome::Broken(format!("{error:?}")),
     }
 }
 
@@ -120,17 +137,24 @@ async fn with_a_shutdown_delay_it_serves_on_with_readyz_503_before_draining() {
 }
 
 const LOOPS: usize = 8;
-/// Requests closed unanswered when the listener closes: at most one per loop that opens a
-/// connection per request (in the listen backlog, reset), and two per loop on kept-alive
-/// connections (its idle connection closed under a request, then its next one reset in the
-/// backlog). Each must still have started within 500 ms of the close.
-const UNANSWERED_AT_MOST: usize = LOOPS + LOOPS / 2;
+/// Requests closed unanswered at shutdown. Before the broker answered with `Connection: close`
+/// from the signal on and turned new connections away before its workers stopped, a kept-alive
+/// connection could be closed under a request and one just accepted (or still queued in the
+/// kernel) closed before its request was read: 1 to 7 such requests per shutdown here (six
+/// runs); since, none. One is allowed for a machine so starved that the accept thread does not
+/// take a queued connection within the broker's 50 ms; it must still have started within 500 ms
+/// of the close.
+const UNANSWERED_AT_MOST: usize = 1;
 
 #[derive(Debug)]
 #[allow(dead_code)] // Debug-printed
 struct Report {
     before_signal: usize,
+    /// Answers before the signal that kept their connection open.
+    kept_open_before_signal: usize,
     served_after_signal: usize,
+    /// Answers to requests sent after the signal that did not say `Connection: close`.
+    kept_open_after_signal: usize,
     refused_after_signal: usize,
     closed_unanswered: usize,
     /// `/readyz` answers 503 after the signal.
@@ -184,12 +208,13 @@ async fn sigterm_under_load(delay: Duration) -> Report {
                 };
                 let started = Instant::now();
                 let request = http.get(format!("{base}{path}")).header("cookie", cookie);
-                let outcome = outcome(request).await;
+                let (outcome, closes) = outcome_and_close(request).await;
                 let refused = outcome == Outcome::Refused;
                 records.lock().unwrap().push(Record {
                     started,
                     path,
                     outcome,
+                    closes,
                 });
                 if refused {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -248,6 +273,8 @@ async fn sigterm_under_load(delay: Duration) -> Report {
     );
     assert!(slow_took >= Duration::from_secs(3), "{slow_took:?}");
     assert!(output.contains("shutdown signal received"), "{output}");
+    // Closing the listener on purpose is no error (actix-server's accept thread reports one).
+    assert!(!output.contains("\"level\":\"ERROR\""), "{output}");
 
     // Both readiness paths: 503 from the signal on (a probe already on its way may still see
     // 200), never 200 after a 503, refused once the listener is closed.
@@ -273,7 +300,18 @@ async fn sigterm_under_load(delay: Duration) -> Report {
     let close_at = signal_at + delay;
     let mut report = Report {
         before_signal: records.iter().filter(|r| r.started < signal_at).count(),
+        kept_open_before_signal: records
+            .iter()
+            .filter(|r| r.started < signal_at && matches!(r.outcome, Outcome::Status(_)))
+            .filter(|r| !r.closes)
+            .count(),
         served_after_signal: 0,
+        // (The signal is handled a moment after it is sent: 100 ms of margin.)
+        kept_open_after_signal: records
+            .iter()
+            .filter(|r| r.started > signal_at + Duration::from_millis(100))
+            .filter(|r| matches!(r.outcome, Outcome::Status(_)) && !r.closes)
+            .count(),
         refused_after_signal: 0,
         closed_unanswered: 0,
         readyz_503: readyz
@@ -317,6 +355,8 @@ async fn sigterm_under_load(delay: Duration) -> Report {
         "shutdown under load (delay {delay:?}): {report:?}; /readyz after SIGTERM: {readyz:?}"
     );
     assert!(report.before_signal > 50, "the load ran: {report:?}");
+    assert!(report.kept_open_before_signal > 50, "{report:?}");
+    assert_eq!(report.kept_open_after_signal, 0, "{report:?}");
     // (time after the signal, time before the signal, path, outcome)
     assert!(failures.is_empty(), "failed requests: {failures:?}");
     report
