@@ -51,6 +51,16 @@ impl RedisProcesses {
         self.children.push(child);
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the process at `index`.
+    fn signal(&self, index: usize, signal: &str) {
+        let pid = self.children[index].id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
     fn kill(&mut self, index: usize) {
         let _ = self.children[index].kill();
         let _ = self.children[index].wait();
@@ -122,47 +132,9 @@ impl TestCluster {
                 _processes: None,
             };
         }
-        let mut processes = RedisProcesses::new();
-        let ports: Vec<u16> = (0..3).map(|_| free_port(true)).collect();
-        for port in &ports {
-            let config_file = processes.dir.join(format!("nodes-{port}.conf"));
-            processes.start(&[
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                config_file.to_str().unwrap(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ]);
-        }
-        ports.iter().for_each(|port| wait_for_port(*port));
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let mut create = vec!["--cluster", "create"];
-        create.extend(nodes.iter().map(String::as_str));
-        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        redis_cli(&create);
-        let started = Instant::now();
-        for port in &ports {
-            while !redis_cli(&["-p", &port.to_string(), "cluster", "info"])
-                .contains("cluster_state:ok")
-            {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "the cluster did not reach cluster_state:ok"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        let (url, processes, _) = start_cluster(0);
         Self {
-            url: format!("redis+cluster://{}", nodes.join(",")),
+            url,
             _processes: Some(processes),
         }
     }
@@ -216,6 +188,76 @@ impl TestCluster {
         }
         keys
     }
+}
+
+/// A cluster of three masters with `replicas` replicas each, on free loopback ports: its URL,
+/// its processes (in the order of the ports) and the ports. With replicas, a node is declared
+/// failed after two seconds of silence (15 s by default), so that a fail-over takes seconds.
+fn start_cluster(replicas: usize) -> (String, RedisProcesses, Vec<u16>) {
+    let mut processes = RedisProcesses::new();
+    let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port(true)).collect();
+    let node_timeout_ms = if replicas == 0 { "15000" } else { "2000" };
+    for port in &ports {
+        let config_file = processes.dir.join(format!("nodes-{port}.conf"));
+        processes.start(&[
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            config_file.to_str().unwrap(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--cluster-node-timeout",
+            node_timeout_ms,
+            // A replica syncs at once (not after the default 5 s wait for more replicas).
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
+    }
+    ports.iter().for_each(|port| wait_for_port(*port));
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(nodes.iter().map(String::as_str));
+    let replicas = replicas.to_string();
+    create.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
+    redis_cli(&create);
+    let started = Instant::now();
+    for port in &ports {
+        while !redis_cli(&["-p", &port.to_string(), "cluster", "info"]).contains("cluster_state:ok")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // A replica that never synced may not be promoted ("disconnected from master for longer
+    // than allowed").
+    for port in &ports {
+        let port = port.to_string();
+        while redis_cli(&["-p", &port, "info", "replication"]).contains("role:slave")
+            && !redis_cli(&["-p", &port, "info", "replication"]).contains("master_link_status:up")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "replica {port} did not sync"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    (
+        format!("redis+cluster://{}", nodes.join(",")),
+        processes,
+        ports,
+    )
 }
 
 async fn spawn_app_on(redis_url: &str) -> TestApp {
@@ -523,4 +565,149 @@ async fn the_broker_follows_the_sentinel_master_through_a_failover() {
         forward_auth(&app.http, &app.address, &bob).await.status(),
         200
     );
+}
+
+/// How a cluster master is lost.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// SIGSTOP: its connections stay open and answer nothing, as a frozen host or a network
+    /// partition leaves them.
+    Silent,
+    /// SIGKILL: its connections are closed and new ones refused.
+    Killed,
+}
+
+/// A cluster master goes silent (or dies, below) and the cluster promotes its replica. The
+/// broker must follow: within seconds of the promotion, logins work again and every session
+/// (those whose keys lived on the lost master among them) answers `/session` and `/auth`.
+/// (Before the broker replaced a cluster connection whose command timed out, logins to that
+/// master's slots still failed 16 s after the promotion in three runs of six.)
+#[tokio::test]
+async fn the_broker_follows_the_cluster_when_a_silent_master_is_replaced_by_its_replica() {
+    follow_a_cluster_fail_over(Loss::Silent).await;
+}
+
+/// The same when the master dies outright.
+#[tokio::test]
+async fn the_broker_follows_the_cluster_when_a_killed_master_is_replaced_by_its_replica() {
+    follow_a_cluster_fail_over(Loss::Killed).await;
+}
+
+async fn follow_a_cluster_fail_over(loss: Loss) {
+    // Arrange: three masters with a replica each; six logged-in users spread over them.
+    let (url, mut processes, ports) = start_cluster(1);
+    let app = spawn_app_on(&url).await;
+    let mut users = Vec::new();
+    for n in 0..6 {
+        let browser = app.logged_in_browser(&format!("user{n}")).await;
+        assert_eq!(
+            forward_auth(&app.http, &app.address, &browser)
+                .await
+                .status(),
+            200
+        );
+        users.push(browser);
+    }
+    let cluster = TestCluster {
+        url: url.clone(),
+        _processes: None,
+    };
+    let keys = cluster.keys_by_master(&app.redis.prefix).await;
+    let (address, held) = keys.iter().max_by_key(|(_, held)| held.len()).unwrap();
+    let on_lost: Vec<&Browser> = users
+        .iter()
+        .filter(|b| {
+            let key = format!("{}session:{{{}}}", app.redis.prefix, session_hash_hex(b));
+            held.contains(&key)
+        })
+        .collect();
+    assert!(!on_lost.is_empty(), "{keys:?}");
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    let lost = ports.iter().position(|p| *p == port).unwrap();
+    let witness = ports[(lost + 1) % ports.len()].to_string();
+
+    // Act: the master is lost; its replica is promoted.
+    match loss {
+        Loss::Silent => processes.signal(lost, "STOP"),
+        Loss::Killed => processes.kill(lost),
+    }
+    let lost_at = Instant::now();
+    // Meanwhile a session whose keys are on it is read from PostgreSQL.
+    assert_eq!(app.get_session(on_lost[0]).await.status(), 200);
+    // `fail?` is one node's suspicion; `fail` is the cluster's verdict, after which the replica
+    // is promoted.
+    loop {
+        let nodes = redis_cli(&["-p", &witness, "cluster", "nodes"]);
+        let failed = nodes
+            .lines()
+            .any(|l| l.contains(&format!(":{port}@")) && l.contains("fail "));
+        if failed && redis_cli(&["-p", &witness, "cluster", "info"]).contains("cluster_state:ok") {
+            break;
+        }
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(40),
+            "the cluster did not promote the lost master's replica:\n{nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let promoted = lost_at.elapsed();
+
+    // Assert: logins work again (a 503 meanwhile is the broker saying so) ...
+    let started = Instant::now();
+    let mut refused = 0;
+    // Twenty in a row: each login's pending state lands on a random slot, so twenty miss the
+    // promoted replica's third of the slots with odds of (2/3)^20, about 1 in 3,000.
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        let status = app.get_login(&mut Browser::default(), None).await.status();
+        if status == 302 {
+            in_a_row += 1;
+            continue;
+        }
+        assert_eq!(status, 503);
+        in_a_row = 0;
+        refused += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "logins still fail {:?} after the promotion",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logins_back = started.elapsed();
+    // ... a whole new login works ...
+    let newcomer = app.logged_in_browser("newcomer").await;
+    assert_eq!(app.get_session(&newcomer).await.status(), 200);
+    assert_eq!(
+        forward_auth(&app.http, &app.address, &newcomer)
+            .await
+            .status(),
+        200
+    );
+    // ... and every session answers, those that lived on the lost master included.
+    for browser in &users {
+        let started = Instant::now();
+        loop {
+            let session = app.get_session(browser).await.status();
+            let auth = forward_auth(&app.http, &app.address, browser)
+                .await
+                .status();
+            if session == 200 && auth == 200 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "/session {session}, /auth {auth}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "cluster fail-over, {loss:?} master: its replica promoted after {promoted:?}; logins back \
+         {logins_back:?} later ({refused} refused with 503 meanwhile); {} of 6 sessions lived on it",
+        on_lost.len()
+    );
+    if let Loss::Silent = loss {
+        processes.signal(lost, "CONT");
+    }
 }
