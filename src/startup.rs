@@ -278,11 +278,11 @@ impl Application {
 ///    workers stop.
 ///
 /// Measured with the rolling restart test (nine restarts a run, a fifth of the load relayed
-/// `POST`s): closing and stopping at once failed 1 to 3 `POST`s a run in four of five runs;
-/// pausing the accept thread before the shutdown, one in three runs (the kernel went on
-/// queueing connections that nobody accepted); the shutdown first, one in ten runs (those
-/// queued at that instant); with the filter first, none. Where the filter or the shutdown is
-/// not supported, the workers stop as before.
+/// `POST`s), runs with a failed `POST`: before any of this, four of five (1 to 3 each); with
+/// `Connection: close` alone, one of six; with the accept thread paused before the shutdown,
+/// three of six (the kernel went on queueing connections that nobody accepted); with the
+/// shutdown first, two of ten (those queued at that instant); with the filter first, none of
+/// twelve. Where the filter or the shutdown is not supported, the workers stop as before.
 async fn refuse_new_connections(handle: &ServerHandle, listener: TcpListener) {
     let socket = socket2::SockRef::from(&listener);
     match drop_connection_requests(&socket) {

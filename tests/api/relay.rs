@@ -18,8 +18,10 @@ use crate::helpers::*;
 
 /// What the upstream saw and how it should behave.
 #[derive(Default)]
-struct UpstreamState {
+pub(crate) struct UpstreamState {
     hits: AtomicU64,
+    /// The path of every request, in order.
+    paths: Mutex<Vec<String>>,
     /// The bearer tokens of every request, in order.
     bearers: Mutex<Vec<String>>,
     /// Tokens answered with 401 `invalid_token`.
@@ -27,12 +29,16 @@ struct UpstreamState {
     reject_all: AtomicBool,
 }
 
-struct Upstream {
-    url: String,
+pub(crate) struct Upstream {
+    pub(crate) url: String,
     state: Arc<UpstreamState>,
 }
 
 impl Upstream {
+    pub(crate) fn paths(&self) -> Vec<String> {
+        self.state.paths.lock().unwrap().clone()
+    }
+
     fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
     }
@@ -68,6 +74,7 @@ async fn echo(
     state: web::Data<UpstreamState>,
 ) -> HttpResponse {
     state.hits.fetch_add(1, Ordering::SeqCst);
+    state.paths.lock().unwrap().push(request.path().to_string());
     let bearer = request
         .headers()
         .get("authorization")
@@ -146,7 +153,9 @@ async fn sleep(path: web::Path<u64>) -> HttpResponse {
     HttpResponse::Ok().body("late")
 }
 
-async fn spawn_upstream() -> Upstream {
+/// The test upstream (also the replicas test's): `/base/big/{bytes}`, `/base/sleep/{ms}`, and an
+/// echo of anything else.
+pub(crate) async fn spawn_upstream() -> Upstream {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let state = web::Data::new(UpstreamState::default());

@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{web, HttpRequest, HttpResponse};
-
 use crate::helpers::*;
+use crate::relay::spawn_upstream;
 
 pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -395,37 +394,6 @@ fn hammer(
     (tally, handles)
 }
 
-/// The relay's upstream for the `POST`s: answers 200 and keeps every path it was sent.
-struct OrdersUpstream {
-    url: String,
-    received: Arc<Mutex<Vec<String>>>,
-}
-
-impl OrdersUpstream {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let kept = web::Data::new(received.clone());
-        let server =
-            actix_web::HttpServer::new(move || {
-                actix_web::App::new().app_data(kept.clone()).default_service(web::to(
-                |request: HttpRequest, kept: web::Data<Arc<Mutex<Vec<String>>>>| async move {
-                    kept.lock().unwrap().push(request.path().to_string());
-                    HttpResponse::Ok().body("placed")
-                },
-            ))
-            })
-            .workers(1)
-            .disable_signals()
-            .listen(listener)
-            .unwrap()
-            .run();
-        tokio::spawn(server);
-        OrdersUpstream { url, received }
-    }
-}
-
 /// `http_requests_total` for `/session` and `/auth` on one replica.
 async fn served(base: &str) -> f64 {
     let text = test_client()
@@ -455,7 +423,8 @@ fn rounds() -> usize {
 #[tokio::test]
 async fn a_rolling_restart_under_constant_load_through_nginx_fails_no_request() {
     let app = spawn_app().await;
-    let orders = OrdersUpstream::start();
+    // The relay's test upstream: it keeps the path of every request.
+    let orders = spawn_upstream().await;
     let routes = format!("orders={}/base", orders.url);
     let mut cluster = Cluster::start(
         &app,
@@ -532,7 +501,7 @@ async fn a_rolling_restart_under_constant_load_through_nginx_fails_no_request() 
     );
     assert!(tally.ok > 200, "{}", tally.ok);
     // Every POST answered reached the upstream, and exactly once.
-    let mut received = orders.received.lock().unwrap().clone();
+    let mut received = orders.paths();
     received.sort();
     let mut posted: Vec<String> = tally
         .posted

@@ -113,14 +113,6 @@ impl Connections {
     }
 }
 
-#[derive(Clone)]
-pub enum Connection {
-    Single(ReplaceableConnection),
-    /// Routes each command by its key's hash slot and follows `MOVED`/`ASK` redirections.
-    Cluster(ReplaceableConnection),
-    Sentinel(ReplaceableConnection),
-}
-
 impl Connection {
     /// Connects and sees a `PING` answered: a server that accepts connections but never
     /// answers (hung) must not become a thread's connection.
@@ -132,29 +124,22 @@ impl Connection {
 
     /// Connects, failing fast when Redis does not answer.
     pub async fn connect(topology: RedisTopology) -> RedisResult<Self> {
-        match topology {
-            RedisTopology::Single(info) => Ok(Self::Single(
-                ReplaceableConnection::connect(Source::Server(redis::Client::open(info)?)).await?,
-            )),
-            RedisTopology::Cluster(nodes) => {
-                let client = ClusterClientBuilder::new(nodes)
+        let source = match topology {
+            RedisTopology::Single(info) => Source::Server(redis::Client::open(info)?),
+            RedisTopology::Cluster(nodes) => Source::Cluster(
+                ClusterClientBuilder::new(nodes)
                     .connection_timeout(CONNECTION_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .retries(2)
-                    .build()?;
-                Ok(Self::Cluster(
-                    ReplaceableConnection::connect(Source::Cluster(client)).await?,
-                ))
-            }
+                    .build()?,
+            ),
             RedisTopology::Sentinel {
                 sentinels,
                 master_name,
                 master,
-            } => Ok(Self::Sentinel(
-                ReplaceableConnection::connect(Source::sentinel(sentinels, master_name, master)?)
-                    .await?,
-            )),
-        }
+            } => Source::sentinel(sentinels, master_name, master)?,
+        };
+        Self::open(source).await
     }
 }
 
@@ -170,38 +155,8 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_number_of_retries(0)
 }
 
-impl ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(connection) => connection.req_packed_command(cmd),
-            Self::Cluster(connection) => connection.req_packed_command(cmd),
-            Self::Sentinel(connection) => connection.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Self::Sentinel(connection) => connection.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(connection) => connection.get_db(),
-            Self::Cluster(connection) => connection.get_db(),
-            Self::Sentinel(connection) => connection.get_db(),
-        }
-    }
-}
-
-/// A connection that is replaced by a new one when it stops answering (in a cluster: when a
+/// A connection to Redis, whichever the topology (one server, a cluster, a Sentinel-managed
+/// master), that is replaced by a new one when it stops answering (in a cluster: when a
 /// node it sends to does), or, behind Sentinel, when its master may have moved.
 ///
 /// The `redis` crate's `ConnectionManager` reconnects by itself only when the connection is
@@ -226,17 +181,18 @@ impl ConnectionLike for Connection {
 /// generation with the shared one (an atomic read) and takes the current connection only after
 /// a replacement.
 #[derive(Clone)]
-pub struct ReplaceableConnection {
+pub struct Connection {
     generation: u64,
     connection: Replaced,
     shared: Arc<Replaceable>,
 }
 
-/// What a [`ReplaceableConnection`] holds and replaces.
+/// What a [`Connection`] holds and replaces.
 #[derive(Clone)]
 enum Replaced {
     /// One server (on its own, or the master Sentinel names).
     Server(ConnectionManager),
+    /// Routes each command by its key's hash slot and follows `MOVED`/`ASK` redirections.
     Cluster(ClusterConnection),
 }
 
@@ -332,8 +288,8 @@ impl Source {
     }
 }
 
-impl ReplaceableConnection {
-    async fn connect(mut source: Source) -> RedisResult<Self> {
+impl Connection {
+    async fn open(mut source: Source) -> RedisResult<Self> {
         // Boxed: Sentinel's and the connection manager's futures are deep enough that, inlined
         // into the start-up future, their layout exceeds the compiler's recursion limit in
         // release builds.
@@ -426,7 +382,7 @@ fn master_may_have_moved(error: &RedisError) -> bool {
         || error.is_timeout()
 }
 
-impl ConnectionLike for ReplaceableConnection {
+impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             self.catch_up();
