@@ -96,22 +96,27 @@ pub struct RotationReport {
     pub ended: usize,
 }
 
-/// Re-seals every stored token under the current (first) key, a batch at a time, until no row
-/// is left under another key. Rows that no configured key opens are deleted by the store; their
-/// cached views are ended here.
+/// Re-seals every stored token under the current (first) key: passes over the sessions in id
+/// order, a batch at a time, until none is left under another key. (One pass does it, unless a
+/// replica still sealing under the old key stored sessions behind it.) Rows that no configured
+/// key opens are deleted by the store; their cached views are ended here.
 pub async fn rotate_keys(
     sessions: &dyn SessionRepository,
     cache: &dyn SessionCache,
 ) -> Result<RotationReport, AdminError> {
     let mut report = RotationReport::default();
     loop {
-        let outcome = sessions.reseal_batch(RESEAL_BATCH).await?;
-        if outcome.is_empty() {
+        let mut after = Some(uuid::Uuid::nil());
+        while let Some(start) = after {
+            let outcome = sessions.reseal_batch(start, RESEAL_BATCH).await?;
+            end_cached_views(cache, &outcome.ended).await?;
+            report.resealed += outcome.resealed;
+            report.ended += outcome.ended.len();
+            after = outcome.next;
+        }
+        if !sessions.any_sealed_under_other_keys().await? {
             return Ok(report);
         }
-        end_cached_views(cache, &outcome.ended).await?;
-        report.resealed += outcome.resealed;
-        report.ended += outcome.ended.len();
     }
 }
 

@@ -356,9 +356,13 @@ impl SessionRepository for MemoryStore {
         Ok(live as u64)
     }
 
-    async fn reseal_batch(&self, _batch: i64) -> Result<ResealOutcome, StoreError> {
+    async fn reseal_batch(&self, _after: Uuid, _batch: i64) -> Result<ResealOutcome, StoreError> {
         // Nothing is sealed in memory.
         Ok(ResealOutcome::default())
+    }
+
+    async fn any_sealed_under_other_keys(&self) -> Result<bool, StoreError> {
+        Ok(false)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -226,10 +226,16 @@ pub trait SessionRepository: Send + Sync + 'static {
         idle_cutoff: DateTime<Utc>,
         batch: i64,
     ) -> Result<Option<Vec<SessionIdHash>>, StoreError>;
-    /// Re-seals up to `batch` rows not sealed under the current key, and deletes those that no
-    /// configured key opens. Waits for rows that requests hold, so an empty outcome means no row
-    /// is left under another key.
-    async fn reseal_batch(&self, batch: i64) -> Result<ResealOutcome, StoreError>;
+    /// Looks at the next `batch` sessions in id order after `after` (a pass over the table
+    /// starts at [`Uuid::nil`]: session ids are random (v4) UUIDs, never nil), re-seals those not
+    /// sealed under the current key and deletes those that no configured key opens. Waits for
+    /// rows that requests hold. [`ResealOutcome::next`] is where the next batch starts; `None`
+    /// at the end of the table.
+    async fn reseal_batch(&self, after: Uuid, batch: i64) -> Result<ResealOutcome, StoreError>;
+    /// Whether any session is sealed under another key than the current one (a pass of
+    /// [`Self::reseal_batch`] may have missed rows stored behind it by a replica that still
+    /// sealed under the old key).
+    async fn any_sealed_under_other_keys(&self) -> Result<bool, StoreError>;
     /// How many sessions are live: neither past `now` (absolute) nor last seen before
     /// `idle_cutoff` (the `live_sessions` gauge; called at most every 30 s per replica).
     async fn count_live(
@@ -278,12 +284,9 @@ pub struct ResealOutcome {
     pub resealed: u64,
     /// Sessions deleted because no configured key opens them (their cache views must end too).
     pub ended: Vec<SessionIdHash>,
-}
-
-impl ResealOutcome {
-    pub fn is_empty(&self) -> bool {
-        self.resealed == 0 && self.ended.is_empty()
-    }
+    /// The last session id the batch looked at, after which the next batch starts; `None` when
+    /// the batch reached the end of the table.
+    pub next: Option<Uuid>,
 }
 
 /// An access token and when it expires, as the cache keeps it.
