@@ -5,6 +5,15 @@
 //! Order matters: the `jti` is recorded before anything is ended, so a replayed token ends
 //! nothing, not even sessions created after the first logout. When ending fails after that, the
 //! `jti` is forgotten again so the IdP's retry is not mistaken for a replay.
+//!
+//! When Redis cannot record the `jti` (full, or unreachable), the logout is carried out anyway,
+//! unrecorded; a `jti` recorded before is still refused when Redis can read it (full, it can).
+//! Refusing instead left alive sessions that the IdP had ended (and the IdP need not retry a
+//! logout: Keycloak, for one, does not), for as long as Redis stayed full; a user or an
+//! administrator ending a session at the IdP must be able to rely on it. What it gives up: a
+//! replay of that token while it is accepted (5 minutes from its `iat`) would end that IdP
+//! session's, or that user's, sessions again, new ones included; a replay needs the token,
+//! which only travels between the IdP and the broker, over TLS.
 
 use super::Broker;
 use crate::oidc::logout_token::LogoutTokenError;
@@ -48,19 +57,29 @@ impl Broker {
             Err(error) => return Err(error.into()),
         };
         let replay_key = format!("logout-jti:{}:{}", claims.issuer, claims.jti);
-        if !self
+        let recorded = match self
             .cache
             .remember_once(&replay_key, claims.remember_for(now))
-            .await?
+            .await
         {
-            return Err(BackchannelLogoutError::Replayed);
-        }
+            Ok(true) => true,
+            Ok(false) => return Err(BackchannelLogoutError::Replayed),
+            Err(error) => {
+                // Redis is full or unreachable. The logout is carried out all the same (see the
+                // module's documentation).
+                self.metrics.store_error(&error);
+                tracing::warn!(%error, "could not record the logout token's jti; ending its sessions all the same");
+                false
+            }
+        };
 
         let ended = match self.end_matching_sessions(&claims.sid, &claims.sub).await {
             Ok(ended) => ended,
             Err(error) => {
-                if let Err(forget_error) = self.cache.forget(&replay_key).await {
-                    tracing::warn!(error = %forget_error, "could not forget the logout token's jti");
+                if recorded {
+                    if let Err(forget_error) = self.cache.forget(&replay_key).await {
+                        tracing::warn!(error = %forget_error, "could not forget the logout token's jti");
+                    }
                 }
                 return Err(error.into());
             }

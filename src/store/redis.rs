@@ -51,6 +51,14 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
+/// Whether Redis refused a command for lack of memory (`OOM`; inside `MULTI`, the transaction
+/// it aborted): it still answers reads and deletions.
+fn refused_for_memory(error: &redis::RedisError) -> bool {
+    error.code() == Some("OOM")
+        || (error.kind() == redis::ErrorKind::ExecAbortError
+            && error.detail().is_some_and(|detail| detail.contains("OOM")))
+}
+
 #[derive(Clone)]
 pub struct RedisStore {
     connections: Arc<Connections>,
@@ -252,15 +260,33 @@ impl SessionCache for RedisStore {
     }
 
     async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
+        let (view, token) = (self.session_key(hash), self.access_token_key(hash));
         let mut connection = self.connections.get();
-        let _: () = redis::pipe()
+        let tombstone: redis::RedisResult<()> = redis::pipe()
             .atomic()
-            .pset_ex(self.session_key(hash), ENDED, millis(TOMBSTONE_TTL))
+            .pset_ex(&view, ENDED, millis(TOMBSTONE_TTL))
             .ignore()
-            .del(self.access_token_key(hash))
+            .del(&token)
             .ignore()
             .query_async(&mut connection)
-            .await?;
+            .await;
+        let Err(error) = tombstone else {
+            return Ok(());
+        };
+        if !refused_for_memory(&error) {
+            return Err(error.into());
+        }
+        // Redis is full (`maxmemory` with the `noeviction` policy, its default): it refuses the
+        // tombstone, as it refuses every command that may add data, but deletes. Without this,
+        // the view of a session already deleted from PostgreSQL stayed live: `/session` and
+        // `/auth` answered 200 after a logout for as long as Redis was full, up to the idle
+        // timeout. Deleted, the next request reads PostgreSQL and finds no session. What the
+        // tombstone adds, refusing a view re-cached by a request that read the row before it
+        // was deleted, is moot while Redis refuses that write too; one that lands after Redis
+        // has room again lives until its next last-seen write finds the row gone (the touch
+        // queue then ends it: within the touch interval).
+        let _: i64 = connection.del(&[&view, &token]).await?;
+        tracing::warn!(%error, "Redis is out of memory: deleted a cached session instead of marking it ended");
         Ok(())
     }
 
@@ -290,15 +316,27 @@ impl SessionCache for RedisStore {
     async fn remember_once(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
         let key = self.seen_key(id);
         let mut connection = self.connections.get();
-        let stored: Option<String> = redis::cmd("SET")
-            .arg(key)
+        let stored: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&key)
             .arg(1)
             .arg("NX")
             .arg("PX")
             .arg(millis(ttl))
             .query_async(&mut connection)
-            .await?;
-        Ok(stored.is_some())
+            .await;
+        match stored {
+            Ok(stored) => Ok(stored.is_some()),
+            // Full, Redis still answers reads: an id recorded before is still known.
+            Err(error) if refused_for_memory(&error) => {
+                let seen: bool = connection.exists(&key).await?;
+                if seen {
+                    Ok(false)
+                } else {
+                    Err(error.into())
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn forget(&self, id: &str) -> Result<(), StoreError> {

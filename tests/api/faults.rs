@@ -162,6 +162,19 @@ impl PrivateRedis {
         }
     }
 
+    /// `CONFIG SET name value`.
+    fn config_set(&self, name: &str, value: &str) {
+        let mut connection = redis::Client::open(self.url())
+            .and_then(|client| client.get_connection())
+            .expect("connect to the private Redis");
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut connection)
+            .expect("CONFIG SET");
+    }
+
     /// Kills it (SIGKILL: a crash, not a clean shutdown).
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -405,6 +418,7 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
     let response = forward_auth(&app.http, &app.address, &alice).await;
     assert_eq!(response.status(), 200);
     let token_before = bearer(&response);
+    let grace = app.logged_in_browser("grace").await;
 
     // Load throughout: /session and /auth are always 200; /login a 302 to the IdP, or 503 while
     // Redis is down. A refused connection fails at once (one connection attempt per reconnect,
@@ -462,6 +476,17 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
     // The login begun before: its pending state cannot be read.
     let response = app.callback(&mut bob, &bob_callback).await;
     assert_login_error_redirect(&response, "/", "unavailable");
+    // The IdP logs grace out: her session ends, its row deleted, though Redis cannot record the
+    // token's jti (before, nothing was ended: /session went on answering 200 from PostgreSQL).
+    // The answer is a 503 all the same: her cached view could not be marked ended, and a Redis
+    // that comes back with its data serves it until its next last-seen write finds the row gone.
+    let status = app
+        .idp
+        .send_backchannel_logout(&url(&app, "/backchannel-logout"), "grace", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 503);
+    assert_problem(app.get_session(&grace).await, 401).await;
     // /readyz says so; the Kubernetes probe keeps the pod in the Service, which it serves.
     assert_not_ready_with(app.get("/readyz", &alice).await, "redis").await;
     assert_eq!(
@@ -493,7 +518,121 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
         report.statuses.get(&503).copied().unwrap_or(0) > 0,
         "the outage was seen"
     );
+    assert_problem(app.get_session(&grace).await, 401).await;
     assert_eq!(app.session_rows().await, 2, "alice and carol");
+}
+
+#[tokio::test]
+async fn redis_full_logouts_still_end_sessions_logins_get_503_and_all_recovers() {
+    // Arrange: alice logs out, bob is logged out by the IdP, carol uses her session throughout;
+    // erin's logout token was used before Redis filled up. Each has a cached view and token.
+    let redis = PrivateRedis::start();
+    let redis_url = redis.url();
+    let app = spawn_app_with(|s| s.settings.redis_url = Some(redis_url)).await;
+    let mut alice = app.logged_in_browser("alice").await;
+    let bob = app.logged_in_browser("bob").await;
+    let carol = app.logged_in_browser("carol").await;
+    let erin = app.logged_in_browser("erin").await;
+    for browser in [&alice, &bob, &carol, &erin] {
+        assert_eq!(
+            forward_auth(&app.http, &app.address, browser)
+                .await
+                .status(),
+            200
+        );
+    }
+    let bob_sid = {
+        let hash = token_broker::domain::SessionId::parse(bob.session().unwrap())
+            .unwrap()
+            .hash();
+        let record = app.broker.sessions.find(&hash).await.unwrap().unwrap();
+        record
+            .idp_sid
+            .expect("the test IdP puts sid in its ID tokens")
+    };
+    let backchannel = format!("{}/backchannel-logout", app.address);
+    let erin_token = app
+        .idp
+        .sign_logout_token(&app.idp.logout_token_claims("erin", None));
+    let post_logout_token = |token: String| {
+        app.http
+            .post(&backchannel)
+            .form(&[("logout_token", token)])
+            .send()
+    };
+    assert_eq!(
+        post_logout_token(erin_token.clone())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let mut load = Load::new();
+    let bound = Duration::from_millis(2500);
+    load.hammer(
+        url(&app, "/session"),
+        carol.cookie_header(),
+        2,
+        &[200],
+        bound,
+    );
+    load.hammer(url(&app, "/auth"), carol.cookie_header(), 1, &[200], bound);
+    load.hammer(url(&app, "/login"), String::new(), 1, &[302, 503], bound);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Act: Redis full. `noeviction` (its default policy): every command that may add data is
+    // refused with OOM; reads and deletions are answered.
+    redis.config_set("maxmemory-policy", "noeviction");
+    redis.config_set("maxmemory", "1");
+
+    // Assert: live sessions carry on; a login cannot store its state: 503 with Retry-After.
+    assert_eq!(app.get_session(&alice).await.status(), 200);
+    let mut dave = Browser::default();
+    let response = app.get_login(&mut dave, None).await;
+    assert!(!response.headers().contains_key("location"));
+    assert_unavailable(response).await;
+    // A logout ends the session at once, here and for /auth (before: a 503, the row deleted
+    // but the cached view live, so /session and /auth kept answering 200).
+    let alice_before = alice.clone();
+    let response = app.post_logout(&mut alice, Some(FRONTEND), true).await;
+    assert_eq!(response.status(), 200);
+    assert!(alice.session().is_none(), "the cookie is cleared");
+    // The cookie as it was (another tab, a copy): the session is over.
+    assert_problem(app.get_session(&alice_before).await, 401).await;
+    assert_eq!(
+        forward_auth(&app.http, &app.address, &alice_before)
+            .await
+            .status(),
+        401
+    );
+    // So does the IdP's back-channel logout (before: a 503, and bob's session kept).
+    let status = app
+        .idp
+        .send_backchannel_logout(&backchannel, "bob", Some(&bob_sid))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_problem(app.get_session(&bob).await, 401).await;
+    assert_eq!(
+        forward_auth(&app.http, &app.address, &bob).await.status(),
+        401
+    );
+    // A logout token used before Redis filled up is still refused.
+    let replay = post_logout_token(erin_token).await.unwrap();
+    assert_problem(replay, 400).await;
+
+    // Recovery: room again, no broker restart.
+    redis.config_set("maxmemory", "0");
+    let dave = wait_until_login_works(&app, "dave").await;
+    assert_eq!(app.get_session(&dave).await.status(), 200);
+    assert_problem(app.get_session(&alice_before).await, 401).await;
+    assert_problem(app.get_session(&bob).await, 401).await;
+    let report = load.finish("redis full").await;
+    assert!(
+        report.statuses.get(&503).copied().unwrap_or(0) > 0,
+        "the logins saw Redis full"
+    );
+    assert_eq!(app.session_rows().await, 2, "carol and dave");
 }
 
 // ---------------------------------------------------------------------------------------------
