@@ -164,15 +164,34 @@ impl PrivateRedis {
 
     /// `CONFIG SET name value`.
     fn config_set(&self, name: &str, value: &str) {
+        self.command(&["CONFIG", "SET", name, value]);
+    }
+
+    /// Runs one command; its answer, as text.
+    fn command(&self, args: &[&str]) -> String {
         let mut connection = redis::Client::open(self.url())
             .and_then(|client| client.get_connection())
             .expect("connect to the private Redis");
-        let () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
+        let answer: redis::Value = redis::cmd(args[0])
+            .arg(&args[1..])
             .query(&mut connection)
-            .expect("CONFIG SET");
+            .unwrap_or_else(|error| panic!("{args:?}: {error}"));
+        match answer {
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Waits until this replica's link to its master is up (it has synced).
+    fn wait_for_replication_link(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .command(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "the replica does not sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Kills it (SIGKILL: a crash, not a clean shutdown).
@@ -633,6 +652,57 @@ async fn redis_full_logouts_still_end_sessions_logins_get_503_and_all_recovers()
         "the logins saw Redis full"
     );
     assert_eq!(app.session_rows().await, 2, "carol and dave");
+}
+
+#[tokio::test]
+async fn after_a_managed_redis_fails_over_behind_one_address_logins_work_again() {
+    // Arrange: the broker reaches Redis through one address, as a managed service's primary
+    // endpoint (a DNS name) gives it: here a proxy in front of A, whose replica B is in sync.
+    let old_master = PrivateRedis::start();
+    let new_master = PrivateRedis::start();
+    new_master.command(&["REPLICAOF", "127.0.0.1", &old_master.port.to_string()]);
+    new_master.wait_for_replication_link();
+    let endpoint = StallingProxy::start(&old_master.url()).await;
+    let redis_url = endpoint.url.clone();
+    let app = spawn_app_with(|s| s.settings.redis_url = Some(redis_url)).await;
+    let alice = app.logged_in_browser("alice").await;
+    let mut load = Load::new();
+    let bound = Duration::from_millis(2500);
+    load.hammer(
+        url(&app, "/session"),
+        alice.cookie_header(),
+        2,
+        &[200],
+        bound,
+    );
+    load.hammer(url(&app, "/auth"), alice.cookie_header(), 1, &[200], bound);
+    load.hammer(url(&app, "/login"), String::new(), 1, &[302, 503], bound);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Act: the fail-over. B is promoted, A demoted to its replica (it answers every write with
+    // READONLY), and the address leads new connections to B; the broker's open connections
+    // still lead to A.
+    new_master.command(&["REPLICAOF", "NO", "ONE"]);
+    old_master.command(&["REPLICAOF", "127.0.0.1", &new_master.port.to_string()]);
+    endpoint.send_new_to(&new_master.url());
+    let failed_over = Instant::now();
+
+    // Assert: logins work again (before: never, every login a 503 until the broker was
+    // restarted, as its connections were never replaced); live sessions never noticed.
+    let bob = wait_until_login_works(&app, "bob").await;
+    println!(
+        "logins worked again {:?} after the fail-over",
+        failed_over.elapsed()
+    );
+    assert_eq!(app.get_session(&bob).await.status(), 200);
+    assert_eq!(
+        forward_auth(&app.http, &app.address, &bob).await.status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.finish("managed redis fail-over").await;
+    let failed_logins = report.statuses.get(&503).copied().unwrap_or(0);
+    println!("{failed_logins} login(s) answered 503");
 }
 
 // ---------------------------------------------------------------------------------------------

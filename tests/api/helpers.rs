@@ -185,11 +185,14 @@ pub async fn delete_redis_keys(app: &TestApp) {
 /// - [`StallingProxy::silence_existing`] stops the connections made so far from forwarding
 ///   anything, either way, and keeps them open (a peer gone silent: a network partition, a
 ///   failover that left the old primary's address unanswered); connections made afterwards
-///   forward as before.
+///   forward as before;
+/// - [`StallingProxy::send_new_to`] sends the connections made afterwards to another server, as a
+///   DNS name does when a managed service fails over (connections made before keep theirs).
 pub struct StallingProxy {
     /// `url` with the proxy's host and port.
     pub url: String,
     pub hang_new: Arc<AtomicBool>,
+    upstream: Arc<std::sync::Mutex<String>>,
     /// Connections numbered below this are silent.
     silent_below: tokio::sync::watch::Sender<u64>,
     next_number: Arc<AtomicU64>,
@@ -199,11 +202,7 @@ impl StallingProxy {
     /// A proxy to the server of `url` (its host and port; the rest is kept).
     pub async fn start(url: &str) -> Self {
         let target = Url::parse(url).expect("a URL");
-        let upstream = format!(
-            "{}:{}",
-            target.host_str().expect("the URL has a host"),
-            target.port_or_known_default().expect("the URL has a port")
-        );
+        let upstream = Arc::new(std::sync::Mutex::new(host_and_port(&target)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut url = target.clone();
         url.set_host(Some("127.0.0.1")).unwrap();
@@ -212,10 +211,11 @@ impl StallingProxy {
         let hang_new = Arc::new(AtomicBool::new(false));
         let (silent_below, _) = tokio::sync::watch::channel(0);
         let next_number = Arc::new(AtomicU64::new(0));
-        let (hang, silence, numbers) = (
+        let (hang, silence, numbers, current) = (
             Arc::clone(&hang_new),
             silent_below.clone(),
             Arc::clone(&next_number),
+            Arc::clone(&upstream),
         );
         tokio::spawn(async move {
             let mut held = Vec::new();
@@ -226,7 +226,7 @@ impl StallingProxy {
                 }
                 let number = numbers.fetch_add(1, Ordering::SeqCst);
                 let mut silenced = silence.subscribe();
-                let upstream = upstream.clone();
+                let upstream = current.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
@@ -245,9 +245,15 @@ impl StallingProxy {
         Self {
             url: url.to_string(),
             hang_new,
+            upstream,
             silent_below,
             next_number,
         }
+    }
+
+    /// Connections made from now on go to the server of `url`.
+    pub fn send_new_to(&self, url: &str) {
+        *self.upstream.lock().unwrap() = host_and_port(&Url::parse(url).expect("a URL"));
     }
 
     /// Every connection made so far goes silent for good.
@@ -255,6 +261,14 @@ impl StallingProxy {
         self.silent_below
             .send_replace(self.next_number.load(Ordering::SeqCst));
     }
+}
+
+fn host_and_port(url: &Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().expect("the URL has a host"),
+        url.port_or_known_default().expect("the URL has a port")
+    )
 }
 
 /// What a test may change before the app starts.

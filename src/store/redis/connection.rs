@@ -157,7 +157,8 @@ fn manager_config() -> ConnectionManagerConfig {
 
 /// A connection to Redis, whichever the topology (one server, a cluster, a Sentinel-managed
 /// master), that is replaced by a new one when it stops answering (in a cluster: when a
-/// node it sends to does), or, behind Sentinel, when its master may have moved.
+/// node it sends to does) or its server was demoted to a replica, or, behind Sentinel, when its
+/// master may have moved.
 ///
 /// The `redis` crate's `ConnectionManager` reconnects by itself only when the connection is
 /// closed or refused. A server that went silent instead (a fail-over that left the old
@@ -280,9 +281,11 @@ impl Source {
 
     fn replace_after(&self) -> fn(&RedisError) -> bool {
         match self {
+            Self::Server(_) => silent_or_demoted,
             // A cluster connection follows a node that closes or refuses by itself (it reconnects
-            // and reads the slots again); a silent one it does not.
-            Self::Server(_) | Self::Cluster(_) => RedisError::is_timeout,
+            // and reads the slots again), and a demoted one answers with a redirection; a silent
+            // one it does not follow.
+            Self::Cluster(_) => RedisError::is_timeout,
             Self::Sentinel(_) => master_may_have_moved,
         }
     }
@@ -361,9 +364,20 @@ impl Connection {
         }
     }
 
-    /// A command's result, after replacing the connection when the error calls for it.
-    async fn settle<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
-        if matches!(&result, Err(error) if (self.shared.replace_after)(error)) {
+    /// A command's result, after replacing the connection when its error calls for it.
+    ///
+    /// The error may come as an `Err` (the connection's: a time-out, a closed connection) or as
+    /// an answer: the server's error replies (`READONLY`, …) are `Ok(Value::ServerError)` here,
+    /// turned into errors only by the caller's conversion. Checking the `Err`s alone, a master
+    /// demoted to a replica was never noticed, with one server or behind Sentinel (where only
+    /// a closed, refused or silent connection then called for Sentinel to be asked again).
+    async fn settle<T: Answer>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        let replace_after = self.shared.replace_after;
+        let replace = match &result {
+            Err(error) => replace_after(error),
+            Ok(answer) => answer.has_error(replace_after),
+        };
+        if replace {
             // This request fails (it may have been applied); the next one uses the new connection.
             // Boxed: making a connection is a large future, and every command's future would
             // otherwise be as large (allocated and copied per command).
@@ -371,6 +385,39 @@ impl Connection {
         }
         result
     }
+}
+
+/// What a command or a pipeline answers, as its server error replies go.
+trait Answer {
+    /// Whether it holds an error reply for which `is` holds.
+    fn has_error(&self, is: fn(&RedisError) -> bool) -> bool;
+}
+
+impl Answer for Value {
+    fn has_error(&self, is: fn(&RedisError) -> bool) -> bool {
+        // Cloned on error replies only (the crate does not export their type).
+        matches!(self, Value::ServerError(_))
+            && self
+                .clone()
+                .extract_error()
+                .err()
+                .is_some_and(|error| is(&error))
+    }
+}
+
+impl Answer for Vec<Value> {
+    fn has_error(&self, is: fn(&RedisError) -> bool) -> bool {
+        self.iter().any(|answer| answer.has_error(is))
+    }
+}
+
+/// The errors of a server that stopped answering, or that was demoted to a replica while its
+/// address now leads elsewhere: a managed Redis's primary endpoint (a DNS name) after a
+/// fail-over, whose old master refuses every write with `READONLY` on the connections made
+/// before. A new connection looks the name up again. Before, nothing replaced such a connection:
+/// every login failed until the broker was restarted (`tests/api/faults.rs`).
+fn silent_or_demoted(error: &RedisError) -> bool {
+    error.is_timeout() || error.kind() == ErrorKind::ReadOnly
 }
 
 /// The error a stale master gives: unreachable, or demoted to a read-only replica.
