@@ -4,7 +4,7 @@
 use url::Url;
 
 use super::Broker;
-use crate::domain::SessionId;
+use crate::domain::{SessionId, SessionIdHash};
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -23,7 +23,14 @@ impl Broker {
                 // Read before the session ends: ending it drops the cached access token. The row
                 // has it too (Redis down, or its cache entry evicted).
                 let cached = self.cache.get_access_token(&hash).await.ok().flatten();
-                let record = self.end_session(&hash).await?;
+                let record = match self.sessions.delete(&hash).await {
+                    Ok(record) => record,
+                    Err(error) => {
+                        self.end_cached_view_of_undeleted_session(&hash).await;
+                        return Err(error);
+                    }
+                };
+                self.cache.mark_ended(&hash).await?;
                 let stored = record
                     .as_ref()
                     .and_then(|record| record.access_token.clone());
@@ -79,5 +86,28 @@ impl Broker {
             None => post_logout,
         };
         Ok(LogoutDone { logout_url })
+    }
+}
+
+impl Broker {
+    /// A logout whose row PostgreSQL could not delete (down, hung): the session ends all the same
+    /// where every request looks first, so that the logout's 503 means "not finished", not "still
+    /// logged in". Before, the cached view stayed live and the session went on working while
+    /// PostgreSQL was away. The tombstone outlives the row's own life: unused (a request that
+    /// finds the tombstone moves no last-seen time), the row is past its idle timeout by the time
+    /// the tombstone lapses, so a cache miss then ends it rather than serving it. What remains
+    /// undone until the logout is repeated (the cookie stays, so it can be): the row (the sweep
+    /// takes it after its idle timeout) and the revocation of its refresh token at the IdP.
+    async fn end_cached_view_of_undeleted_session(&self, hash: &SessionIdHash) {
+        let outlive_the_row = self.config.session_idle_timeout + std::time::Duration::from_secs(60);
+        match self.cache.mark_ended_for(hash, outlive_the_row).await {
+            Ok(()) => tracing::warn!(
+                "logout: PostgreSQL could not delete the session; its cached view is marked ended"
+            ),
+            Err(error) => {
+                self.metrics.store_error(&error);
+                tracing::warn!(%error, "logout: neither PostgreSQL nor Redis could end the session");
+            }
+        }
     }
 }

@@ -137,8 +137,8 @@ impl SessionCache for MemoryStore {
         Ok(())
     }
 
-    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
-        let deadline = self.deadline(Duration::from_secs(3600));
+    async fn mark_ended_for(&self, hash: &SessionIdHash, ttl: Duration) -> Result<(), StoreError> {
+        let deadline = self.deadline(ttl);
         let mut maps = self.maps();
         maps.cache.insert(*hash, (CacheEntry::Ended, deadline));
         maps.access_tokens.remove(hash);

@@ -120,6 +120,10 @@ pub trait LoginStore: Send + Sync + 'static {
     async fn take_pending(&self, state: &State) -> Result<Option<PendingLogin>, StoreError>;
 }
 
+/// How long a tombstone ([`SessionCache::mark_ended`]) stays: far longer than any request that
+/// might re-cache the session it replaced.
+pub const TOMBSTONE_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// What a view written by [`SessionCache::put`] may replace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replacing {
@@ -144,10 +148,17 @@ pub trait SessionCache: Send + Sync + 'static {
         ttl: std::time::Duration,
         replacing: Replacing,
     ) -> Result<(), StoreError>;
-    /// Replaces the view with a tombstone that outlives any in-flight re-caching, and drops the
-    /// session's cached access token.
-    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError>;
-    /// Caches a session's access token (sealed at rest) until it expires.
+    /// Replaces the view with a tombstone that outlives any in-flight re-caching
+    /// ([`TOMBSTONE_TTL`]), and drops the session's cached access token.
+    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
+        self.mark_ended_for(hash, TOMBSTONE_TTL).await
+    }
+    /// [`SessionCache::mark_ended`], the tombstone kept for `ttl`.
+    async fn mark_ended_for(
+        &self,
+        hash: &SessionIdHash,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError>;
     /// Caches a session's access token (sealed at rest) for `ttl`.
     async fn put_access_token(
         &self,

@@ -3,7 +3,7 @@
 //! | key | value | TTL |
 //! |---|---|---|
 //! | `{prefix}login:<sha256(state)>` | pending login, sealed JSON | `BROKER_LOGIN_TTL` |
-//! | `{prefix}session:{<hash>}` | [`CachedSession`], sealed binary (`values`); or `ended` | until idle/absolute expiry; `ended`: 1 h |
+//! | `{prefix}session:{<hash>}` | [`CachedSession`], sealed binary (`values`); or `ended` | until idle/absolute expiry; `ended`: 1 h (after a logout that could not delete the row: the idle timeout and a minute) |
 //! | `{prefix}at:{<hash>}` | access token and its expiry, sealed binary (`values`; `/auth`) | the token's expiry |
 //! | `{prefix}seen:<sha256(id)>` | `1`: a logout token's `jti` already used | until the token could expire |
 //!
@@ -41,8 +41,6 @@ use connection::Connections;
 use topology::RedisTopology;
 
 const ENDED: &str = "ended";
-/// How long a tombstone stays: far longer than any request that might re-cache the session.
-const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
 /// Sets the session view unless a tombstone is there (atomic on the server).
 const PUT_UNLESS_ENDED: &str = r"
@@ -259,12 +257,12 @@ impl SessionCache for RedisStore {
         Ok(())
     }
 
-    async fn mark_ended(&self, hash: &SessionIdHash) -> Result<(), StoreError> {
+    async fn mark_ended_for(&self, hash: &SessionIdHash, ttl: Duration) -> Result<(), StoreError> {
         let (view, token) = (self.session_key(hash), self.access_token_key(hash));
         let mut connection = self.connections.get();
         let tombstone: redis::RedisResult<()> = redis::pipe()
             .atomic()
-            .pset_ex(&view, ENDED, millis(TOMBSTONE_TTL))
+            .pset_ex(&view, ENDED, millis(ttl))
             .ignore()
             .del(&token)
             .ignore()

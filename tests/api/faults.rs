@@ -791,14 +791,19 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     .await;
     let alice = app.logged_in_browser("alice").await;
     let bob = app.logged_in_browser("bob").await;
-    // The session view and the access token are cached in Redis now.
-    assert_eq!(app.get_session(&alice).await.status(), 200);
-    assert_eq!(
-        forward_auth(&app.http, &app.address, &alice).await.status(),
-        200
-    );
+    let mut erin = app.logged_in_browser("erin").await;
+    // The session views and the access tokens are cached in Redis now.
+    for browser in [&alice, &erin] {
+        assert_eq!(app.get_session(browser).await.status(), 200);
+        assert_eq!(
+            forward_auth(&app.http, &app.address, browser)
+                .await
+                .status(),
+            200
+        );
+    }
     let rows_before = postgres.session_rows().await;
-    assert_eq!(rows_before, 2);
+    assert_eq!(rows_before, 3);
 
     // A login begun before the outage, completed during it.
     let mut carol = Browser::default();
@@ -846,6 +851,16 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     let mut stranger = Browser::default();
     stranger.cookies.insert("session".into(), "A".repeat(43));
     assert_unavailable(app.get_session(&stranger).await).await;
+    // A logout cannot delete its row: a 503 (the cookie kept, so that it can be repeated), but
+    // the session ends all the same (before, it went on answering 200 from its cached view).
+    let response = app.post_logout(&mut erin, Some(FRONTEND), true).await;
+    assert_unavailable(response).await;
+    assert!(erin.session().is_some(), "the cookie is kept for a retry");
+    assert_problem(app.get_session(&erin).await, 401).await;
+    assert_eq!(
+        forward_auth(&app.http, &app.address, &erin).await.status(),
+        401
+    );
     // Longer than the 3 s touch interval: the cached views become due for their write.
     tokio::time::sleep(Duration::from_millis(4000)).await;
     assert_eq!(app.get_session(&bob).await.status(), 200);
@@ -858,8 +873,13 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     let report = load.finish("postgres stopped").await;
     assert!(report.statuses[&200] > 50, "{report:?}");
 
-    // No session row was lost: alice's and bob's, and dave's new one.
+    // No session row was lost: alice's, bob's and erin's, and dave's new one. erin's session
+    // stays ended, and her repeated logout deletes its row.
     assert_eq!(postgres.session_rows().await, rows_before + 1);
+    assert_problem(app.get_session(&erin).await, 401).await;
+    let response = app.post_logout(&mut erin, Some(FRONTEND), true).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(postgres.session_rows().await, rows_before);
     expire_cached_token(&app, &alice).await;
     assert_eq!(
         forward_auth(&app.http, &app.address, &alice).await.status(),
