@@ -41,6 +41,14 @@ pub enum StoreError {
     Sealed(#[from] crate::crypto::OpenError),
 }
 
+impl StoreError {
+    /// PostgreSQL refused a write because the server is read-only (SQLSTATE 25006): a hot
+    /// standby, or a server set `default_transaction_read_only`.
+    pub fn is_read_only_server(&self) -> bool {
+        matches!(self, Self::Postgres(sqlx::Error::Database(error)) if error.code().as_deref() == Some("25006"))
+    }
+}
+
 /// A login waiting for its callback, stored under its `state`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingLogin {

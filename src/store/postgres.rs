@@ -102,7 +102,16 @@ impl PgSessionRepository {
         let limit = self.time_out + SILENCE_GRACE;
         let run = async move {
             let outcome = operation(checkout.connection()).await;
-            checkout.give_back().await;
+            if matches!(&outcome, Err(error) if error.is_read_only_server()) {
+                // A server that refuses writes: a primary demoted to a standby, still reached by
+                // the connections made before a fail-over behind a DNS name. Closed, not put
+                // back, so that a new connection looks the name up again: before, the read-only
+                // connections kept being reused (they answer pings) and every login failed until
+                // they reached their 30-minute lifetime (`tests/api/faults.rs`).
+                drop(checkout);
+            } else {
+                checkout.give_back().await;
+            }
             outcome
         };
         tokio::time::timeout(limit, run)

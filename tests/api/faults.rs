@@ -888,6 +888,53 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     assert_eq!(app.get_session(&bob).await.status(), 200);
 }
 
+#[tokio::test]
+async fn after_postgresql_fails_over_behind_one_address_logins_work_again() {
+    // Arrange: the broker reaches PostgreSQL through one address, as a managed service's
+    // writer endpoint (a DNS name) gives it: here a proxy in front of A. B, migrated, stands
+    // for the standby that will be promoted (the test needs no replication: only logins made
+    // after the fail-over are asked for).
+    let old_primary = PrivatePostgres::start();
+    let new_primary = PrivatePostgres::start();
+    let pool = sqlx::PgPool::connect(&new_primary.url()).await.unwrap();
+    token_broker::store::postgres::MIGRATOR
+        .run(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let endpoint = StallingProxy::start(&old_primary.url()).await;
+    let database_url = endpoint.url.clone();
+    let app = spawn_app_with(|s| s.settings.database_url = Some(database_url)).await;
+    // Logins and sessions open the broker's connections to A.
+    for user in ["alice", "bob", "carol"] {
+        let browser = app.logged_in_browser(user).await;
+        assert_eq!(app.get_session(&browser).await.status(), 200);
+    }
+
+    // Act: the fail-over. A turns read-only, as a demoted primary (a standby) does, while the
+    // broker's connections to it stay open; new connections reach B.
+    let pool = sqlx::PgPool::connect(&old_primary.url()).await.unwrap();
+    for statement in [
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    endpoint.send_new_to(&new_primary.url());
+    let failed_over = Instant::now();
+
+    // Assert: logins work again (before: every login ended in login_error=unavailable until
+    // the connections reached their 30-minute lifetime), and their sessions are on B.
+    let dave = wait_until_login_works(&app, "dave").await;
+    println!(
+        "logins worked again {:?} after the fail-over",
+        failed_over.elapsed()
+    );
+    assert_eq!(app.get_session(&dave).await.status(), 200);
+    assert_eq!(new_primary.session_rows().await, 1);
+}
+
 /// The pool pings a connection idle for a second or more before handing it out, and not one in
 /// constant use (src/store/postgres.rs): a restart while the connections sit idle must not cost
 /// the first request after it anything.

@@ -47,7 +47,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// A connection open for this long is closed when it comes back (sqlx's default): a server's
 /// per-connection caches do not grow without end, and after a fail-over behind a DNS name every
-/// connection finds the new primary in time.
+/// connection finds the new primary in time (one that a write finds read-only is closed at once:
+/// `PgSessionRepository::within_time_out`).
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// One set of connections: a thread's, or one shared by every thread (tools and tests).
