@@ -5,7 +5,7 @@ use url::Url;
 
 use super::Broker;
 use crate::domain::{SessionId, SessionIdHash};
-use crate::store::StoreError;
+use crate::store::{CacheLookup, StoreError};
 
 #[derive(Debug)]
 pub struct LogoutDone {
@@ -98,7 +98,20 @@ impl Broker {
     /// the tombstone lapses, so a cache miss then ends it rather than serving it. What remains
     /// undone until the logout is repeated (the cookie stays, so it can be): the row (the sweep
     /// takes it after its idle timeout) and the revocation of its refresh token at the IdP.
+    ///
+    /// Only over a view Redis holds: a session it does not know is served by nobody while
+    /// PostgreSQL is away (each request needs the row: 503), and a cookie made up by a client
+    /// must not get a tombstone written for half a day.
     async fn end_cached_view_of_undeleted_session(&self, hash: &SessionIdHash) {
+        match self.cache.get(hash).await {
+            Ok(CacheLookup::Live(_)) => {}
+            Ok(_) => return,
+            Err(error) => {
+                self.metrics.store_error(&error);
+                tracing::warn!(%error, "logout: neither PostgreSQL nor Redis could end the session");
+                return;
+            }
+        }
         let outlive_the_row = self.config.session_idle_timeout + std::time::Duration::from_secs(60);
         match self.cache.mark_ended_for(hash, outlive_the_row).await {
             Ok(()) => tracing::warn!(

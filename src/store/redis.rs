@@ -49,12 +49,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-/// Whether Redis refused a command for lack of memory (`OOM`; inside `MULTI`, the transaction
-/// it aborted): it still answers reads and deletions.
+/// Whether Redis refused a command for lack of memory (`OOM`; inside `MULTI`, the crate reports
+/// the queued command's `OOM`): it still answers reads and deletions.
 fn refused_for_memory(error: &redis::RedisError) -> bool {
     error.code() == Some("OOM")
-        || (error.kind() == redis::ErrorKind::ExecAbortError
-            && error.detail().is_some_and(|detail| detail.contains("OOM")))
 }
 
 #[derive(Clone)]

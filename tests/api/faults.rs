@@ -851,6 +851,19 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     let mut stranger = Browser::default();
     stranger.cookies.insert("session".into(), "A".repeat(43));
     assert_unavailable(app.get_session(&stranger).await).await;
+    // Its logout cannot end anything either, and writes no tombstone for a made-up cookie.
+    assert_unavailable(
+        app.post_logout(&mut stranger.clone(), Some(FRONTEND), true)
+            .await,
+    )
+    .await;
+    let stranger_hash = token_broker::domain::SessionId::parse(stranger.session().unwrap())
+        .unwrap()
+        .hash();
+    assert!(matches!(
+        app.broker.cache.get(&stranger_hash).await.unwrap(),
+        token_broker::store::CacheLookup::Unknown
+    ));
     // A logout cannot delete its row: a 503 (the cookie kept, so that it can be repeated), but
     // the session ends all the same (before, it went on answering 200 from its cached view).
     let response = app.post_logout(&mut erin, Some(FRONTEND), true).await;
