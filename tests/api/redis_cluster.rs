@@ -509,6 +509,17 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn the_broker_follows_the_sentinel_master_through_a_failover() {
+    follow_a_sentinel_fail_over(true).await;
+}
+
+/// A fail-over with the old master alive (an operator's `SENTINEL FAILOVER`, a maintenance):
+/// Sentinel demotes it to a replica of the promoted one, which answers writes `READONLY`.
+#[tokio::test]
+async fn the_broker_follows_the_sentinel_master_when_the_old_one_is_demoted_alive() {
+    follow_a_sentinel_fail_over(false).await;
+}
+
+async fn follow_a_sentinel_fail_over(kill_the_master: bool) {
     let mut sentinel = TestSentinel::start();
     let app = spawn_app_on(&sentinel.url).await;
     let alice = app.logged_in_browser("alice").await;
@@ -521,9 +532,11 @@ async fn the_broker_follows_the_sentinel_master_through_a_failover() {
         .master_port()
         .contains(&sentinel.master_port.to_string()));
 
-    // The master dies; Sentinel promotes the replica.
+    // The master dies (or not); Sentinel promotes the replica.
     let failover = Instant::now();
-    sentinel.processes.kill(0);
+    if kill_the_master {
+        sentinel.processes.kill(0);
+    }
     let answer = redis_cli(&[
         "-p",
         &sentinel.sentinel_port.to_string(),
@@ -540,6 +553,12 @@ async fn the_broker_follows_the_sentinel_master_through_a_failover() {
         "sentinel fail-over: promoted after {:?}",
         failover.elapsed()
     );
+    if !kill_the_master {
+        let old_master = sentinel.master_port.to_string();
+        wait_until("the old master is demoted to a replica", || {
+            redis_cli(&["-p", &old_master, "info", "replication"]).contains("role:slave")
+        });
+    }
 
     // A request or two may fail while the broker finds the new master; then logins work again.
     let started = Instant::now();

@@ -369,8 +369,9 @@ impl Connection {
     /// The error may come as an `Err` (the connection's: a time-out, a closed connection) or as
     /// an answer: the server's error replies (`READONLY`, …) are `Ok(Value::ServerError)` here,
     /// turned into errors only by the caller's conversion. Checking the `Err`s alone, a master
-    /// demoted to a replica was never noticed, with one server or behind Sentinel (where only
-    /// a closed, refused or silent connection then called for Sentinel to be asked again).
+    /// demoted to a replica was never noticed by its `READONLY`s: with one server not at all
+    /// (`tests/api/faults.rs`), behind Sentinel only because a Sentinel fail-over also closes
+    /// the demoted master's client connections.
     async fn settle<T: Answer>(&self, result: RedisResult<T>) -> RedisResult<T> {
         let replace_after = self.shared.replace_after;
         let replace = match &result {
