@@ -176,10 +176,11 @@ fn manager_config() -> ConnectionManagerConfig {
 /// of the slots still timed out 16 s after the promotion (the test's bound; over a minute in
 /// one longer run): one login in three failed. A new cluster connection reads the slots from
 /// the nodes that answer; with it, logins worked again within 4.3 s of the promotion in each
-/// of thirteen runs. (Those 4.2 s are two 2-s time-outs: each thread's connection is replaced
-/// at its own first time-out, and the test's requests, one at a time, met both workers' in
-/// turn. Making the new connection without the silent seed node changed nothing: 4 runs of 6 at
-/// 3.4–4.2 s with it, 2 of 6 at 4.2 s without.)
+/// of thirteen runs. (Those 4.2 s are two logins refused after a 2-s time-out each; why the
+/// second one is not served by the new connection is not established. Two remedies were tried
+/// and changed nothing, so neither is built: a new connection made without the silent seed node
+/// (4 runs of 6 at 3.4–4.2 s, against 2 of 6 at 4.2 s without), and every thread's connection
+/// replaced as soon as one was (4 of 6 at 4.2 s).)
 ///
 /// Each handle keeps the connection it uses, so a command takes no lock: it compares its
 /// generation with the shared one (an atomic read) and takes the current connection only after
