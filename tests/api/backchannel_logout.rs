@@ -6,7 +6,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use token_broker::domain::SessionId;
 
 use crate::helpers::*;
 
@@ -17,16 +16,6 @@ async fn post_logout_token(app: &TestApp, token: &str) -> reqwest::Response {
         .send()
         .await
         .expect("POST /backchannel-logout")
-}
-
-/// The IdP session id (`sid`) the broker stored for a browser's session.
-async fn idp_sid(app: &TestApp, browser: &Browser) -> String {
-    let hash = SessionId::parse(browser.session().unwrap()).unwrap().hash();
-    let record = app.broker.sessions.find(&hash).await.unwrap();
-    record
-        .expect("session row")
-        .idp_sid
-        .expect("the dev IdP puts sid in its ID tokens")
 }
 
 async fn session_status(app: &TestApp, browser: &Browser) -> u16 {

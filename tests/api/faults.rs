@@ -41,6 +41,30 @@ impl Load {
         }
     }
 
+    /// The load of the Redis fault tests: `session_loops` loops of `/session` and `auth_loops`
+    /// of `/auth` for `browser`, each answer a 200, and one of `/login`, a 302 or (while Redis
+    /// cannot store a pending login) a 503; none slower than 2.5 s.
+    fn sessions_and_logins(
+        app: &TestApp,
+        browser: &Browser,
+        session_loops: usize,
+        auth_loops: usize,
+    ) -> Self {
+        let mut load = Load::new();
+        let bound = Duration::from_millis(2500);
+        let cookie = browser.cookie_header();
+        load.hammer(
+            url(app, "/session"),
+            cookie.clone(),
+            session_loops,
+            &[200],
+            bound,
+        );
+        load.hammer(url(app, "/auth"), cookie, auth_loops, &[200], bound);
+        load.hammer(url(app, "/login"), String::new(), 1, &[302, 503], bound);
+        load
+    }
+
     /// `loops` loops of `GET url` with `cookie`, each answer one of `allowed`, none slower
     /// than `bound`.
     fn hammer(
@@ -443,17 +467,7 @@ async fn redis_stopped_sessions_carry_on_from_postgresql_logins_get_503_and_all_
     // Redis is down. A refused connection fails at once (one connection attempt per reconnect,
     // src/store/redis/connection.rs), a hung one after the 2 s connection time-out: no answer
     // waits longer (before that fix, /auth took 7 s).
-    let mut load = Load::new();
-    let bound = Duration::from_millis(2500);
-    load.hammer(
-        url(&app, "/session"),
-        alice.cookie_header(),
-        3,
-        &[200],
-        bound,
-    );
-    load.hammer(url(&app, "/auth"), alice.cookie_header(), 2, &[200], bound);
-    load.hammer(url(&app, "/login"), String::new(), 1, &[302, 503], bound);
+    let load = Load::sessions_and_logins(&app, &alice, 3, 2);
     let load_started = Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -553,22 +567,9 @@ async fn redis_full_logouts_still_end_sessions_logins_get_503_and_all_recovers()
     let carol = app.logged_in_browser("carol").await;
     let erin = app.logged_in_browser("erin").await;
     for browser in [&alice, &bob, &carol, &erin] {
-        assert_eq!(
-            forward_auth(&app.http, &app.address, browser)
-                .await
-                .status(),
-            200
-        );
+        cache_view_and_token(&app, browser).await;
     }
-    let bob_sid = {
-        let hash = token_broker::domain::SessionId::parse(bob.session().unwrap())
-            .unwrap()
-            .hash();
-        let record = app.broker.sessions.find(&hash).await.unwrap().unwrap();
-        record
-            .idp_sid
-            .expect("the test IdP puts sid in its ID tokens")
-    };
+    let bob_sid = idp_sid(&app, &bob).await;
     let backchannel = format!("{}/backchannel-logout", app.address);
     let erin_token = app
         .idp
@@ -586,17 +587,7 @@ async fn redis_full_logouts_still_end_sessions_logins_get_503_and_all_recovers()
             .status(),
         200
     );
-    let mut load = Load::new();
-    let bound = Duration::from_millis(2500);
-    load.hammer(
-        url(&app, "/session"),
-        carol.cookie_header(),
-        2,
-        &[200],
-        bound,
-    );
-    load.hammer(url(&app, "/auth"), carol.cookie_header(), 1, &[200], bound);
-    load.hammer(url(&app, "/login"), String::new(), 1, &[302, 503], bound);
+    let load = Load::sessions_and_logins(&app, &carol, 2, 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Act: Redis full. `noeviction` (its default policy): every command that may add data is
@@ -666,17 +657,7 @@ async fn after_a_managed_redis_fails_over_behind_one_address_logins_work_again()
     let redis_url = endpoint.url.clone();
     let app = spawn_app_with(|s| s.settings.redis_url = Some(redis_url)).await;
     let alice = app.logged_in_browser("alice").await;
-    let mut load = Load::new();
-    let bound = Duration::from_millis(2500);
-    load.hammer(
-        url(&app, "/session"),
-        alice.cookie_header(),
-        2,
-        &[200],
-        bound,
-    );
-    load.hammer(url(&app, "/auth"), alice.cookie_header(), 1, &[200], bound);
-    load.hammer(url(&app, "/login"), String::new(), 1, &[302, 503], bound);
+    let load = Load::sessions_and_logins(&app, &alice, 2, 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Act: the fail-over. B is promoted, A demoted to its replica (it answers every write with
@@ -794,13 +775,7 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
     let mut erin = app.logged_in_browser("erin").await;
     // The session views and the access tokens are cached in Redis now.
     for browser in [&alice, &erin] {
-        assert_eq!(app.get_session(browser).await.status(), 200);
-        assert_eq!(
-            forward_auth(&app.http, &app.address, browser)
-                .await
-                .status(),
-            200
-        );
+        cache_view_and_token(&app, browser).await;
     }
     let rows_before = postgres.session_rows().await;
     assert_eq!(rows_before, 3);
@@ -857,9 +832,7 @@ async fn postgres_stopped_cached_sessions_carry_on_logins_fail_as_unavailable_an
             .await,
     )
     .await;
-    let stranger_hash = token_broker::domain::SessionId::parse(stranger.session().unwrap())
-        .unwrap()
-        .hash();
+    let stranger_hash = session_hash(&stranger);
     assert!(matches!(
         app.broker.cache.get(&stranger_hash).await.unwrap(),
         token_broker::store::CacheLookup::Unknown

@@ -796,7 +796,6 @@ pub async fn forward_auth(
         .expect("GET /auth")
 }
 
-/// The hex SHA-256 of the browser's session ID, as the stores key it.
 /// The SHA-256 of the browser's session cookie: the key of its Redis entries and PostgreSQL row.
 pub fn session_hash(browser: &Browser) -> token_broker::domain::SessionIdHash {
     token_broker::domain::SessionId::parse(browser.session().expect("a session cookie"))
@@ -806,6 +805,32 @@ pub fn session_hash(browser: &Browser) -> token_broker::domain::SessionIdHash {
 
 pub fn session_hash_hex(browser: &Browser) -> String {
     session_hash(browser).to_hex()
+}
+
+/// The IdP session id (`sid`) the broker stored for a browser's session.
+pub async fn idp_sid(app: &TestApp, browser: &Browser) -> String {
+    let record = app
+        .broker
+        .sessions
+        .find(&session_hash(browser))
+        .await
+        .unwrap();
+    record
+        .expect("session row")
+        .idp_sid
+        .expect("the dev IdP puts sid in its ID tokens")
+}
+
+/// `/session` and `/auth` answer 200 for the browser, which leaves its view and access token
+/// cached in Redis.
+pub async fn cache_view_and_token(app: &TestApp, browser: &Browser) {
+    assert_eq!(app.get_session(browser).await.status(), 200);
+    assert_eq!(
+        forward_auth(&app.http, &app.address, browser)
+            .await
+            .status(),
+        200
+    );
 }
 
 /// The token of a forward-auth answer's `Authorization: Bearer` header.
