@@ -1,8 +1,10 @@
 //! Servers that `scripts/bench` measures the broker against, started as separate processes:
 //!
 //! - `bare ADDR BODY_FILE`: an actix-web handler answering every GET with a constant JSON body
-//!   (the body `/session` returned, so both answers have the same size): the baseline.
-//! - `redis-get ADDR BODY_FILE REDIS_URL`: the same, after one Redis `GET` per request.
+//!   (the body `/session` returned, so both answers have the same size; for `/auth`, its token
+//!   and subject as JSON): the baseline.
+//! - `redis-get ADDR BODY_FILE REDIS_URL [KEY]`: the same, its answer read by one Redis `GET` per
+//!   request: the body is stored under KEY (default `bench:baseline`) at start, for a day.
 //! - `cache-aside ADDR BODY_FILE REDIS_URL DATABASE_URL KEY_PREFIX`: the least a `/session` can do
 //!   when Redis caches what PostgreSQL holds, the cold path's baseline: one Redis `GET` by the
 //!   `session` cookie's hash; on a miss, one `SELECT` of the session's claims from the broker's
@@ -42,7 +44,7 @@ mod http;
 use http::{cookie, location};
 
 fn usage() -> ! {
-    eprintln!("usage: bench_support bare ADDR BODY_FILE | redis-get ADDR BODY_FILE REDIS_URL | idp ADDR REDIRECT_URI CLIENT_SECRET");
+    eprintln!("usage: bench_support bare ADDR BODY_FILE | redis-get ADDR BODY_FILE REDIS_URL [KEY] | idp ADDR REDIRECT_URI CLIENT_SECRET");
     eprintln!("       | cache-aside ADDR BODY_FILE REDIS_URL DATABASE_URL KEY_PREFIX");
     eprintln!("       | logins BROKER_URL COUNT CONCURRENCY | seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE");
     eprintln!("       | fixed-rate URL COOKIE_FILE RATE SECONDS");
@@ -331,18 +333,31 @@ async fn main() -> std::io::Result<()> {
             .await
         }
         "redis-get" => {
-            let body = web::Data::new(std::fs::read_to_string(arg(2))?);
+            let body = std::fs::read_to_string(arg(2))?;
             let client = redis::Client::open(arg(3)).map_err(std::io::Error::other)?;
-            let connection = redis::aio::ConnectionManager::new(client)
+            let mut connection = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(std::io::Error::other)?;
+            // The answer is what the GET returns: the body stored under the key (for a day, in
+            // case the caller's clean-up misses it).
+            let key = web::Data::new(
+                args.get(4)
+                    .cloned()
+                    .unwrap_or_else(|| "bench:baseline".into()),
+            );
+            let _: () = connection
+                .set_ex(key.get_ref(), &body, 86_400)
                 .await
                 .map_err(std::io::Error::other)?;
             let connection = web::Data::new(connection);
             HttpServer::new(move || {
-                App::new().app_data(body.clone()).app_data(connection.clone()).default_service(web::to(
-                    |body: web::Data<String>, connection: web::Data<redis::aio::ConnectionManager>| async move {
+                App::new().app_data(key.clone()).app_data(connection.clone()).default_service(web::to(
+                    |key: web::Data<String>, connection: web::Data<redis::aio::ConnectionManager>| async move {
                         let mut connection = connection.get_ref().clone();
-                        let _: Option<String> = connection.get("bench:baseline").await.ok().flatten();
-                        HttpResponse::Ok().content_type("application/json").body(body.get_ref().clone())
+                        match connection.get::<_, Option<Vec<u8>>>(key.get_ref()).await {
+                            Ok(Some(body)) => HttpResponse::Ok().content_type("application/json").body(body),
+                            _ => HttpResponse::InternalServerError().finish(),
+                        }
                     },
                 ))
             })
