@@ -5,7 +5,9 @@
 //! session may end up to that much earlier than its exact idle limit): in the cached view at
 //! once, in PostgreSQL by the replica's touch queue within 10 ms ([`super::touch`]).
 //! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches
-//! the view after the answer (not before it).
+//! the view after the answer (not before it). That read may get a lower bound of the last-seen
+//! time instead of the exact one, when the bound alone proves the session within its idle
+//! timeout (PostgreSQL then skips a lookup); the use is recorded now either way.
 
 use chrono::{DateTime, Utc};
 
@@ -102,7 +104,7 @@ impl Broker {
         };
         let (mut session, from_cache) = match cached {
             Some(session) => (session, true),
-            None => match self.read_session_row(hash, with_token).await {
+            None => match self.read_session_row(hash, with_token, now).await {
                 Ok(Some((session, row_token))) => {
                     // Redis has no token (flushed, evicted) or is down: the row's copy serves.
                     if with_token && !matches!(token, Some(Some(_))) {
@@ -184,21 +186,26 @@ impl Broker {
 
     /// A cache miss: the session's row. `/session` reads only the view's columns (no token is
     /// transferred or opened); with `with_token` the whole row, and its access token with it.
+    /// Its `last_seen_at` may be a lower bound that proves the session within its idle timeout
+    /// at `now` ([`crate::store::SessionRepository::find_view`]): a bound older than the touch
+    /// interval is stale, so the caller records a use, as with the exact time.
     async fn read_session_row(
         &self,
         hash: &SessionIdHash,
         with_token: bool,
+        now: DateTime<Utc>,
     ) -> Result<Option<(CachedSession, Option<CachedAccessToken>)>, StoreError> {
+        let idle_cutoff = now - chrono_duration(self.config.session_idle_timeout);
         if !with_token {
             return Ok(self
                 .sessions
-                .find_view(hash)
+                .find_view(hash, idle_cutoff)
                 .await?
                 .map(|view| (view, None)));
         }
         Ok(self
             .sessions
-            .find(hash)
+            .find_for_use(hash, idle_cutoff)
             .await?
             .map(|record| (record.view(), record.access_token)))
     }

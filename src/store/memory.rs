@@ -205,7 +205,11 @@ impl SessionRepository for MemoryStore {
         Ok(self.maps().sessions.get(hash).cloned())
     }
 
-    async fn find_view(&self, hash: &SessionIdHash) -> Result<Option<CachedSession>, StoreError> {
+    async fn find_view(
+        &self,
+        hash: &SessionIdHash,
+        _idle_cutoff: DateTime<Utc>,
+    ) -> Result<Option<CachedSession>, StoreError> {
         Ok(self.maps().sessions.get(hash).map(SessionRecord::view))
     }
 

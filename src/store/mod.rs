@@ -200,10 +200,30 @@ pub trait SessionCache: Send + Sync + 'static {
 pub trait SessionRepository: Send + Sync + 'static {
     async fn insert(&self, session: &SessionRecord) -> Result<(), StoreError>;
     async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError>;
-    /// The token-free view of a session (what `/session` needs after a cache miss): no token
-    /// column is read or opened. A row sealed under a key no longer configured is
+    /// The session read to be used after a cache miss (`/auth`, the relay): as
+    /// [`SessionRepository::find`], with [`SessionRepository::find_view`]'s last-seen time.
+    async fn find_for_use(
+        &self,
+        hash: &SessionIdHash,
+        idle_cutoff: DateTime<Utc>,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let _ = idle_cutoff; // the exact time is always within the contract
+        self.find(hash).await
+    }
+    /// The token-free view of a session read to be used (what `/session` needs after a cache
+    /// miss): no token column is read or opened. A row sealed under a key no longer configured is
     /// [`StoreError::Sealed`], as with [`SessionRepository::find`].
-    async fn find_view(&self, hash: &SessionIdHash) -> Result<Option<CachedSession>, StoreError>;
+    ///
+    /// Its `last_seen_at` is the session's last use, or a lower bound of it that is after
+    /// `idle_cutoff` (now less the idle timeout): either way the session is within its idle
+    /// timeout exactly when the time is after the cutoff. A caller that gets a bound records a
+    /// use now (a bound older than the touch interval is stale), so it never needs the exact
+    /// time, which may cost the store a second lookup (PostgreSQL's `session_activity`).
+    async fn find_view(
+        &self,
+        hash: &SessionIdHash,
+        idle_cutoff: DateTime<Utc>,
+    ) -> Result<Option<CachedSession>, StoreError>;
     /// Records use (the sliding idle timeout) of many sessions at once, never moving a
     /// `last_seen_at` backwards; returns the ids whose row is gone.
     async fn touch_many(&self, touches: &[(Uuid, DateTime<Utc>)]) -> Result<Vec<Uuid>, StoreError>;

@@ -472,6 +472,29 @@ async fn stored_last_seen(app: &TestApp, browser: &Browser) -> Option<chrono::Da
     seen
 }
 
+/// Waits for PostgreSQL to have a last-seen time later than `before` for the browser's session
+/// (the touch queue's flush, every 10 ms; 5 s of margin) and asserts that it is `expected`.
+async fn wait_for_stored_last_seen(
+    app: &TestApp,
+    browser: &Browser,
+    before: chrono::DateTime<Utc>,
+    expected: chrono::DateTime<Utc>,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let seen = stored_last_seen(app, browser).await.unwrap();
+        if seen > before {
+            assert_eq!(seen.timestamp_micros(), expected.timestamp_micros());
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "last_seen_at stayed {seen}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_used_session_has_its_last_seen_time_written_to_postgresql_within_a_flush() {
     // Arrange: a session last written at login.
@@ -485,22 +508,102 @@ async fn a_used_session_has_its_last_seen_time_written_to_postgresql_within_a_fl
     let used_at = token_broker::clock::Clock::now(&clock);
     assert_eq!(app.get_session(&browser).await.status(), 200);
 
-    // Assert: PostgreSQL has the new time within the flush interval (10 ms), with margin.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let seen = stored_last_seen(&app, &browser).await.unwrap();
-        if seen > at_login {
-            assert_eq!(seen.timestamp_micros(), used_at.timestamp_micros());
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "last_seen_at stayed {seen}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // Assert: PostgreSQL has the new time within the flush interval.
+    wait_for_stored_last_seen(&app, &browser, at_login, used_at).await;
     // And the broker's own queue is empty again.
     assert!(app.broker.touches.is_empty());
+}
+
+#[tokio::test]
+async fn a_cache_miss_finds_the_use_that_keeps_a_session_alive_after_its_login_time_is_past_the_idle_timeout(
+) {
+    // Arrange: logged in at T, used at T+6 min (idle timeout 10 min); that use is in
+    // PostgreSQL. At T+12 the session's own row (its login time) no longer proves it live: only
+    // its activity row does, which a cold read looks up only then.
+    let clock = manual_clock();
+    let app = spawn_app_idle_10_minutes(&clock).await;
+    let browser = app.logged_in_browser("alice").await;
+    let at_login = stored_last_seen(&app, &browser).await.unwrap();
+    clock.advance(Duration::minutes(6));
+    let used_at = token_broker::clock::Clock::now(&clock);
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+    wait_for_stored_last_seen(&app, &browser, at_login, used_at).await;
+    clock.advance(Duration::minutes(6));
+
+    // Act: a cache miss (Redis lost its keys).
+    delete_redis_keys(&app).await;
+    let response = app.get_session(&browser).await;
+
+    // Assert: live, and the idle end slid from this use.
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let expires_at =
+        chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap()).unwrap();
+    let now = token_broker::clock::Clock::now(&clock);
+    let idle_end = now + Duration::minutes(10);
+    assert!(
+        (expires_at.with_timezone(&Utc) - idle_end).num_seconds() == 0,
+        "expires at {expires_at}, not {idle_end}"
+    );
+    wait_for_stored_last_seen(&app, &browser, used_at, now).await;
+    // And 11 minutes of silence end it, from PostgreSQL too.
+    clock.advance(Duration::minutes(11));
+    delete_redis_keys(&app).await;
+    assert_problem(app.get_session(&browser).await, 401).await;
+    assert_eq!(app.session_rows().await, 0);
+}
+
+#[tokio::test]
+async fn a_cache_miss_looks_up_the_activity_row_only_when_the_sessions_own_time_cannot_prove_it_live(
+) {
+    // Arrange: a session whose own row says it was used at login.
+    let app = spawn_app().await;
+    let record = insert_full_sized_session(&app, 1).await;
+    let pool = app.database.pool().await;
+
+    for query in [
+        token_broker::store::postgres::FIND_VIEW_TO_USE,
+        token_broker::store::postgres::FIND_RECORD_TO_USE,
+    ] {
+        for (cutoff, lookups) in [
+            (record.last_seen_at - Duration::minutes(1), 0),
+            (record.last_seen_at + Duration::minutes(1), 1),
+        ] {
+            // Act: the cold read's own statement, executed, with its plan's actual loops.
+            let plan: serde_json::Value =
+                sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {query}"))
+                    .bind(record.id_hash.as_bytes())
+                    .bind(cutoff)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+
+            // Assert: the session is found either way; `session_activity` is read only when
+            // the idle cutoff is after the row's own time.
+            let root = &plan[0]["Plan"];
+            assert_eq!(root["Actual Rows"], 1, "{plan}");
+            let activity_loops = relation_loops(root, "session_activity");
+            assert_eq!(
+                activity_loops,
+                [lookups],
+                "cutoff {cutoff}, {query}: {plan:#}"
+            );
+        }
+    }
+    pool.close().await;
+}
+
+/// The actual loops of each node of an `EXPLAIN (ANALYZE, FORMAT JSON)` plan that reads
+/// `relation` (0: never executed).
+fn relation_loops(node: &serde_json::Value, relation: &str) -> Vec<u64> {
+    let mut loops = Vec::new();
+    if node["Relation Name"] == relation {
+        loops.push(node["Actual Loops"].as_u64().unwrap());
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        loops.extend(relation_loops(child, relation));
+    }
+    loops
 }
 
 #[tokio::test]
@@ -909,11 +1012,12 @@ async fn a_last_seen_write_leaves_the_session_row_alone_and_changes_a_narrow_row
         rows_per_page >= 100,
         "{rows_per_page} rows on the fullest page"
     );
+    let exact = later + Duration::minutes(1); // a cutoff after every time: the exact times
     for record in records.iter().step_by(8) {
         let view = app
             .broker
             .sessions
-            .find_view(&record.id_hash)
+            .find_view(&record.id_hash, exact)
             .await
             .unwrap();
         assert_eq!(
@@ -924,11 +1028,17 @@ async fn a_last_seen_write_leaves_the_session_row_alone_and_changes_a_narrow_row
     pool.close().await;
 }
 
-/// A session's last-seen time as the repository's reads see it (the view and the record agree).
+/// A session's last-seen time as the repository's reads see it (the view, the record and the
+/// record read to be used agree, given an idle cutoff after every time, which asks them for the
+/// exact time).
 async fn seen_by_reads(app: &TestApp, hash: &token_broker::domain::SessionIdHash) -> i64 {
-    let view = app.broker.sessions.find_view(hash).await.unwrap().unwrap();
-    let record = app.broker.sessions.find(hash).await.unwrap().unwrap();
+    let sessions = &app.broker.sessions;
+    let exact = Utc::now() + Duration::days(1);
+    let view = sessions.find_view(hash, exact).await.unwrap().unwrap();
+    let record = sessions.find(hash).await.unwrap().unwrap();
+    let to_use = sessions.find_for_use(hash, exact).await.unwrap().unwrap();
     assert_eq!(view.last_seen_at, record.last_seen_at);
+    assert_eq!(to_use.last_seen_at, record.last_seen_at);
     view.last_seen_at.timestamp_micros()
 }
 
