@@ -267,12 +267,14 @@ impl Broker {
         let id_token = self.refreshed_id_token(&record, &tokens).await;
         // RFC 6749 §6: without a new refresh token, the old one stays valid.
         let refresh_token = tokens.refresh_token.clone().unwrap_or(refresh_token);
-        let entry = self.access_token_entry(&tokens, self.clock.now());
+        let now = self.clock.now();
+        let entry = self.access_token_entry(&tokens, now);
         // Committed with the lease's release: nobody can present the old token again.
         let stored = RefreshedTokens {
             refresh_token: Some(&refresh_token),
             id_token: &id_token,
             access_token: &entry,
+            used_at: now,
         };
         match self
             .sessions

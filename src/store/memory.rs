@@ -288,6 +288,7 @@ impl SessionRepository for MemoryStore {
         record.refresh_token = tokens.refresh_token.cloned();
         record.id_token = tokens.id_token.clone();
         record.access_token = Some(tokens.access_token.clone());
+        record.last_seen_at = record.last_seen_at.max(tokens.used_at);
         Ok(RefreshCommit::Committed)
     }
 

@@ -305,6 +305,11 @@ pub struct RefreshedTokens<'a> {
     pub refresh_token: Option<&'a RefreshToken>,
     pub id_token: &'a IdToken,
     pub access_token: &'a CachedAccessToken,
+    /// When the request that needed the new token used the session. The session's own
+    /// last-seen time moves to it (never back) in the same write: a refresh rewrites the row
+    /// anyway, and a session that refreshes within each idle timeout then keeps a row time
+    /// that proves it live on its own ([`SessionRepository::find_view`]: one lookup).
+    pub used_at: DateTime<Utc>,
 }
 
 /// How [`SessionRepository::commit_refresh`] went.

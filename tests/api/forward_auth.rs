@@ -137,6 +137,52 @@ async fn a_token_within_30_seconds_of_expiry_is_refreshed_on_the_injected_clock(
 }
 
 #[tokio::test]
+async fn a_refresh_moves_the_session_rows_own_last_seen_time_to_the_use_that_needed_it() {
+    // Arrange: idle timeout 10 minutes; the test IdP's tokens live 300 s.
+    let clock = token_broker::clock::ManualClock::new(chrono::Utc::now());
+    let app = spawn_app_with(|s| {
+        s.settings.session_idle_timeout = Some("10m".into());
+        s.clock = std::sync::Arc::new(clock.clone());
+    })
+    .await;
+    let browser = app.logged_in_browser("alice").await;
+    let row_time = async || -> chrono::DateTime<chrono::Utc> {
+        let pool = app.database.pool().await;
+        let seen = sqlx::query_scalar("SELECT last_seen_at FROM sessions WHERE id_hash = $1")
+            .bind(session_hash(&browser).as_bytes())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        seen
+    };
+    let at_login = row_time().await;
+
+    // Act: used when the token is due for refresh.
+    clock.advance(chrono::Duration::seconds(271));
+    let used_at = token_broker::clock::Clock::now(&clock);
+    assert_eq!(
+        forward_auth(&app.http, &app.address, &browser)
+            .await
+            .status(),
+        200
+    );
+
+    // Assert: the refresh wrote the use's time into the row it rewrote.
+    assert_eq!(app.idp.stats().refresh_grants, 1);
+    assert_eq!(
+        row_time().await.timestamp_micros(),
+        used_at.timestamp_micros(),
+        "logged in at {at_login}"
+    );
+    // So when the login is past the idle timeout and the refresh is not, a cache miss finds the
+    // session live from its row alone.
+    clock.advance(chrono::Duration::minutes(8));
+    delete_redis_keys(&app).await;
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+}
+
+#[tokio::test]
 async fn two_hundred_concurrent_requests_on_three_replicas_cause_exactly_one_refresh_grant() {
     let app = spawn_app().await;
     let replicas = [spawn_replica(&app).await, spawn_replica(&app).await];
@@ -372,6 +418,7 @@ async fn a_refresher_that_outlived_its_lease_stores_nothing_over_the_next_holder
         refresh_token: Some(&late),
         id_token: &record.id_token,
         access_token: &access,
+        used_at: record.last_seen_at,
     };
     assert_eq!(
         sessions
