@@ -315,9 +315,9 @@ pub const COUNT_LIVE: &str = "SELECT
 
 /// A session's last-seen time, in a query over `sessions`: the later of the row's own (written at
 /// login and by each refresh, and by replicas of versions before `session_activity`) and its
-/// `session_activity` row's
-/// (written by the touch queue). A scalar subquery, so that it also works in `RETURNING`, where
-/// the activity row is still there (a deletion's cascade runs after the statement's rows).
+/// `session_activity` row's (written by the touch queue). A scalar subquery, so that it also
+/// works in `RETURNING`, where the activity row is still there (a deletion's cascade runs after
+/// the statement's rows).
 macro_rules! last_seen {
     () => {
         "GREATEST(last_seen_at, (SELECT a.last_seen_at FROM session_activity a WHERE a.id = sessions.id))"

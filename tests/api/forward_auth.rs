@@ -178,6 +178,16 @@ async fn a_refresh_moves_the_session_rows_own_last_seen_time_to_the_use_that_nee
     // So when the login is past the idle timeout and the refresh is not, a cache miss finds the
     // session live from its row alone.
     clock.advance(chrono::Duration::minutes(8));
+    let idle_cutoff = token_broker::clock::Clock::now(&clock) - chrono::Duration::minutes(10);
+    assert!(at_login <= idle_cutoff && used_at > idle_cutoff);
+    for query in [
+        token_broker::store::postgres::FIND_VIEW_TO_USE,
+        token_broker::store::postgres::FIND_RECORD_TO_USE,
+    ] {
+        let hash = session_hash(&browser);
+        let lookups = cold_read_activity_lookups(&app, query, &hash, idle_cutoff).await;
+        assert_eq!(lookups, [0], "{query}");
+    }
     delete_redis_keys(&app).await;
     assert_eq!(app.get_session(&browser).await.status(), 200);
 }

@@ -796,6 +796,40 @@ pub async fn forward_auth(
         .expect("GET /auth")
 }
 
+/// Runs a cold read's statement (`store::postgres::FIND_VIEW_TO_USE` or `FIND_RECORD_TO_USE`)
+/// for the session under `EXPLAIN (ANALYZE, FORMAT JSON)` with `idle_cutoff`, asserts that it
+/// found the session, and returns the actual loops of each scan of `session_activity` in its
+/// plan (0: never executed).
+pub async fn cold_read_activity_lookups(
+    app: &TestApp,
+    query: &str,
+    hash: &token_broker::domain::SessionIdHash,
+    idle_cutoff: chrono::DateTime<chrono::Utc>,
+) -> Vec<u64> {
+    fn scans(node: &serde_json::Value, relation: &str, loops: &mut Vec<u64>) {
+        if node["Relation Name"] == relation {
+            loops.push(node["Actual Loops"].as_u64().unwrap());
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            scans(child, relation, loops);
+        }
+    }
+    let pool = app.database.pool().await;
+    let plan: serde_json::Value =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {query}"))
+            .bind(hash.as_bytes())
+            .bind(idle_cutoff)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    let root = &plan[0]["Plan"];
+    assert_eq!(root["Actual Rows"], 1, "the session is found: {plan:#}");
+    let mut loops = Vec::new();
+    scans(root, "session_activity", &mut loops);
+    loops
+}
+
 /// The SHA-256 of the browser's session cookie: the key of its Redis entries and PostgreSQL row.
 pub fn session_hash(browser: &Browser) -> token_broker::domain::SessionIdHash {
     token_broker::domain::SessionId::parse(browser.session().expect("a session cookie"))

@@ -559,7 +559,6 @@ async fn a_cache_miss_looks_up_the_activity_row_only_when_the_sessions_own_time_
     // Arrange: a session whose own row says it was used at login.
     let app = spawn_app().await;
     let record = insert_full_sized_session(&app, 1).await;
-    let pool = app.database.pool().await;
 
     for query in [
         token_broker::store::postgres::FIND_VIEW_TO_USE,
@@ -569,41 +568,15 @@ async fn a_cache_miss_looks_up_the_activity_row_only_when_the_sessions_own_time_
             (record.last_seen_at - Duration::minutes(1), 0),
             (record.last_seen_at + Duration::minutes(1), 1),
         ] {
-            // Act: the cold read's own statement, executed, with its plan's actual loops.
-            let plan: serde_json::Value =
-                sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {query}"))
-                    .bind(record.id_hash.as_bytes())
-                    .bind(cutoff)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+            // Act: the cold read's own statement, executed.
+            let activity_lookups =
+                cold_read_activity_lookups(&app, query, &record.id_hash, cutoff).await;
 
-            // Assert: the session is found either way; `session_activity` is read only when
-            // the idle cutoff is after the row's own time.
-            let root = &plan[0]["Plan"];
-            assert_eq!(root["Actual Rows"], 1, "{plan}");
-            let activity_loops = relation_loops(root, "session_activity");
-            assert_eq!(
-                activity_loops,
-                [lookups],
-                "cutoff {cutoff}, {query}: {plan:#}"
-            );
+            // Assert: `session_activity` is read only when the idle cutoff is after the row's
+            // own time.
+            assert_eq!(activity_lookups, [lookups], "cutoff {cutoff}, {query}");
         }
     }
-    pool.close().await;
-}
-
-/// The actual loops of each node of an `EXPLAIN (ANALYZE, FORMAT JSON)` plan that reads
-/// `relation` (0: never executed).
-fn relation_loops(node: &serde_json::Value, relation: &str) -> Vec<u64> {
-    let mut loops = Vec::new();
-    if node["Relation Name"] == relation {
-        loops.push(node["Actual Loops"].as_u64().unwrap());
-    }
-    for child in node["Plans"].as_array().into_iter().flatten() {
-        loops.extend(relation_loops(child, relation));
-    }
-    loops
 }
 
 #[tokio::test]
