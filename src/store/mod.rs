@@ -217,8 +217,10 @@ pub trait SessionRepository: Send + Sync + 'static {
     /// Its `last_seen_at` is the session's last use, or a lower bound of it that is after
     /// `idle_cutoff` (now less the idle timeout): either way the session is within its idle
     /// timeout exactly when the time is after the cutoff. A caller that gets a bound records a
-    /// use now (a bound older than the touch interval is stale), so it never needs the exact
-    /// time, which may cost the store a second lookup (PostgreSQL's `session_activity`).
+    /// use now (a bound older than the touch interval is stale), and a bound within the touch
+    /// interval is less than one interval behind, the precision the interval allows anyway; so
+    /// it never needs the exact time, which may cost the store a second lookup (PostgreSQL's
+    /// `session_activity`).
     async fn find_view(
         &self,
         hash: &SessionIdHash,
