@@ -86,6 +86,15 @@ impl PgSessionRepository {
         }
     }
 
+    /// The one row a query finds, or none, within [`PgSessionRepository::within_time_out`].
+    async fn fetch_optional_row(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Option<PgRow>, StoreError> {
+        self.within_time_out(async |connection| Ok(query.fetch_optional(connection).await?))
+            .await
+    }
+
     /// Runs one operation (its statements, its transaction) on one of the thread's connections,
     /// and gives it up when PostgreSQL has not answered within the time-out (plus
     /// [`SILENCE_GRACE`]): a server that went silent (a network partition, a failover that left
@@ -418,15 +427,13 @@ impl SessionRepository for PgSessionRepository {
     }
 
     async fn find(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "SELECT ",
             record_columns!(),
             " FROM sessions WHERE id_hash = $1"
         ))
         .bind(hash.as_bytes());
-        let row = self
-            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
-            .await?;
+        let row = self.fetch_optional_row(query).await?;
         row.map(|row| self.record_from_row(&row)).transpose()
     }
 
@@ -435,12 +442,10 @@ impl SessionRepository for PgSessionRepository {
         hash: &SessionIdHash,
         idle_cutoff: DateTime<Utc>,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(FIND_RECORD_TO_USE)
+        let query = sqlx::query(FIND_RECORD_TO_USE)
             .bind(hash.as_bytes())
             .bind(idle_cutoff);
-        let row = self
-            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
-            .await?;
+        let row = self.fetch_optional_row(query).await?;
         row.map(|row| self.record_from_row(&row)).transpose()
     }
 
@@ -450,13 +455,12 @@ impl SessionRepository for PgSessionRepository {
         idle_cutoff: DateTime<Utc>,
     ) -> Result<Option<CachedSession>, StoreError> {
         // Only the view's columns: a cold `/session` neither transfers nor opens the tokens.
-        let row = sqlx::query(FIND_VIEW_TO_USE)
+        let query = sqlx::query(FIND_VIEW_TO_USE)
             .bind(hash.as_bytes())
             .bind(idle_cutoff);
-        let row = self
-            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
-            .await?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = self.fetch_optional_row(query).await? else {
+            return Ok(None);
+        };
         let key_id: String = row.try_get("key_id")?;
         if !self.cipher.has_key(&key_id) {
             return Err(crate::crypto::OpenError::UnknownKey(key_id).into());
@@ -517,14 +521,12 @@ impl SessionRepository for PgSessionRepository {
 
     #[tracing::instrument(skip_all)]
     async fn delete(&self, hash: &SessionIdHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "DELETE FROM sessions WHERE id_hash = $1 RETURNING ",
             record_columns!()
         ))
         .bind(hash.as_bytes());
-        let row = self
-            .within_time_out(async |connection| Ok(row.fetch_optional(connection).await?))
-            .await?;
+        let row = self.fetch_optional_row(query).await?;
         match row.map(|row| self.record_from_row(&row)).transpose() {
             Ok(record) => Ok(record),
             // The row is gone either way; tokens we cannot open cannot be revoked either.

@@ -472,6 +472,22 @@ async fn stored_last_seen(app: &TestApp, browser: &Browser) -> Option<chrono::Da
     seen
 }
 
+/// Advances the clock by `minutes` (past the touch interval, a minute), uses the session (200),
+/// and waits for PostgreSQL to have that use's time ([`wait_for_stored_last_seen`]); returns it.
+async fn use_and_wait_for_its_write(
+    app: &TestApp,
+    browser: &Browser,
+    clock: &ManualClock,
+    minutes: i64,
+) -> chrono::DateTime<Utc> {
+    let before = stored_last_seen(app, browser).await.unwrap();
+    clock.advance(Duration::minutes(minutes));
+    let used_at = token_broker::clock::Clock::now(clock);
+    assert_eq!(app.get_session(browser).await.status(), 200);
+    wait_for_stored_last_seen(app, browser, before, used_at).await;
+    used_at
+}
+
 /// Waits for PostgreSQL to have a last-seen time later than `before` for the browser's session
 /// (the touch queue's flush, every 10 ms; 5 s of margin) and asserts that it is `expected`.
 async fn wait_for_stored_last_seen(
@@ -501,15 +517,10 @@ async fn a_used_session_has_its_last_seen_time_written_to_postgresql_within_a_fl
     let clock = manual_clock();
     let app = spawn_app_idle_10_minutes(&clock).await;
     let browser = app.logged_in_browser("alice").await;
-    let at_login = stored_last_seen(&app, &browser).await.unwrap();
 
-    // Act: used past the touch interval (a minute).
-    clock.advance(Duration::minutes(2));
-    let used_at = token_broker::clock::Clock::now(&clock);
-    assert_eq!(app.get_session(&browser).await.status(), 200);
-
-    // Assert: PostgreSQL has the new time within the flush interval.
-    wait_for_stored_last_seen(&app, &browser, at_login, used_at).await;
+    // Act and assert: used past the touch interval, PostgreSQL has the new time within the
+    // flush interval.
+    use_and_wait_for_its_write(&app, &browser, &clock, 2).await;
     // And the broker's own queue is empty again.
     assert!(app.broker.touches.is_empty());
 }
@@ -523,11 +534,7 @@ async fn a_cache_miss_finds_the_use_that_keeps_a_session_alive_after_its_login_t
     let clock = manual_clock();
     let app = spawn_app_idle_10_minutes(&clock).await;
     let browser = app.logged_in_browser("alice").await;
-    let at_login = stored_last_seen(&app, &browser).await.unwrap();
-    clock.advance(Duration::minutes(6));
-    let used_at = token_broker::clock::Clock::now(&clock);
-    assert_eq!(app.get_session(&browser).await.status(), 200);
-    wait_for_stored_last_seen(&app, &browser, at_login, used_at).await;
+    let used_at = use_and_wait_for_its_write(&app, &browser, &clock, 6).await;
     clock.advance(Duration::minutes(6));
 
     // Act: a cache miss (Redis lost its keys).
