@@ -7,7 +7,14 @@
 //! A cache miss (first use after a Redis flush, or an evicted key) reads PostgreSQL and re-caches
 //! the view after the answer (not before it). That read may get a lower bound of the last-seen
 //! time instead of the exact one, when the bound alone proves the session within its idle
-//! timeout (PostgreSQL then skips a lookup); the use is recorded now either way.
+//! timeout (PostgreSQL then skips a lookup). The re-cached view has the use's time; PostgreSQL
+//! gets it only when its own time lags by [`miss_touch_interval`] (a tenth of the idle
+//! timeout) or more. Otherwise the next use past the touch interval, served from the view,
+//! writes it. So a Redis flush, after which every returning session is a miss, costs
+//! PostgreSQL one read per session rather than a read and a write (the write was 60 % of
+//! PostgreSQL's time per cold request: docs/benchmarks.md, 2026-12-07). What that costs: a
+//! session whose last use was such a miss may end up to that lag early (the expiry sweep, and
+//! a later miss, read PostgreSQL's time), never late.
 
 use chrono::{DateTime, Utc};
 
@@ -29,6 +36,14 @@ pub struct SessionView {
 /// at most a minute.
 pub fn touch_interval(idle_timeout: std::time::Duration) -> std::time::Duration {
     (idle_timeout / 10).min(std::time::Duration::from_secs(60))
+}
+
+/// How stale PostgreSQL's own last-seen time may be for a cache miss to leave it unwritten: a
+/// tenth of the idle timeout (at least [`touch_interval`], which it equals for idle timeouts up
+/// to 10 minutes). A miss re-caches the view with the use's time either way; the next use past
+/// the touch interval, served from that view, writes it to PostgreSQL as every such use does.
+pub fn miss_touch_interval(idle_timeout: std::time::Duration) -> std::time::Duration {
+    idle_timeout / 10
 }
 
 impl Broker {
@@ -132,12 +147,18 @@ impl Broker {
             return Ok(None);
         }
 
-        let stale = (now - session.last_seen_at).to_std().unwrap_or_default()
-            >= touch_interval(self.config.session_idle_timeout);
+        let idle_timeout = self.config.session_idle_timeout;
+        let age = (now - session.last_seen_at).to_std().unwrap_or_default();
+        let stale = age >= touch_interval(idle_timeout);
         if stale {
-            // The cached view gets the time below; PostgreSQL within 10 ms (`touch`).
+            // The cached view gets the time below; PostgreSQL within 10 ms (`touch`), unless
+            // the time was just read from PostgreSQL and lags by less than the miss interval:
+            // after a Redis flush, the sessions that come back cost PostgreSQL a read each, not
+            // a read and a write (see the module's documentation).
             session.last_seen_at = now;
-            self.touches.record(session.id, hash, now);
+            if from_cache || age >= miss_touch_interval(idle_timeout) {
+                self.touches.record(session.id, hash, now);
+            }
         }
         if stale || !from_cache {
             self.cache_view_after_response(hash, &session, now, held_nothing);
@@ -215,6 +236,25 @@ impl Broker {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_miss_leaves_postgresql_a_tenth_of_idle_behind_never_less_than_a_touch_interval() {
+        for minutes in [1, 5, 10, 11, 60, 12 * 60, 7 * 24 * 60] {
+            let idle = Duration::from_secs(minutes * 60);
+            assert!(
+                miss_touch_interval(idle) >= touch_interval(idle),
+                "{minutes} min"
+            );
+        }
+        assert_eq!(
+            miss_touch_interval(Duration::from_secs(12 * 3600)),
+            Duration::from_secs(72 * 60)
+        );
+        assert_eq!(
+            miss_touch_interval(Duration::from_secs(600)),
+            touch_interval(Duration::from_secs(600))
+        );
+    }
 
     #[test]
     fn touch_interval_is_a_tenth_of_idle_at_most_a_minute() {

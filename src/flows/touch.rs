@@ -2,11 +2,13 @@
 //!
 //! A request that finds a session's `last_seen_at` older than
 //! [`touch_interval`](super::session::touch_interval) moves it in the cached view at once and
-//! queues the new time here; every [`FLUSH_INTERVAL`] the queue is written to PostgreSQL in one
-//! statement for every session touched meanwhile. A request never waits for a PostgreSQL write
-//! (or its WAL flush) to answer: after a Redis flush, when every session is read from
-//! PostgreSQL once and most are due for a touch, that is at most a hundred batched writes a
-//! second instead of one per request (docs/benchmarks.md, cold path). The interval is short so
+//! queues the new time here (a cache miss, whose time is PostgreSQL's own, only when it is older
+//! than [`miss_touch_interval`](super::session::miss_touch_interval)); every [`FLUSH_INTERVAL`]
+//! the queue is written to PostgreSQL in one statement for every session touched meanwhile. A
+//! request never waits for a PostgreSQL write (or its WAL flush) to answer: after a Redis flush,
+//! when every session is read from PostgreSQL once and those whose stored time lags are due for
+//! a touch, that is at most a hundred batched writes a second instead of one per request
+//! (docs/benchmarks.md, cold path). The interval is short so
 //! that each batch is small, and the batch commits asynchronously (it does not wait for its WAL
 //! flush). Requests served while a batch ran made up most of the cold path's slowest percent: at
 //! about 1,150 cold requests a second, 200 ms batches (9 ms each) ran 5 % of the time and

@@ -560,6 +560,87 @@ async fn a_cache_miss_finds_the_use_that_keeps_a_session_alive_after_its_login_t
     assert_eq!(app.session_rows().await, 0);
 }
 
+/// A broker on `clock` with the default idle timeout, 12 hours: a touch is due after a minute,
+/// and a cache miss writes PostgreSQL's time only when it is 72 minutes old or more.
+async fn spawn_app_idle_12_hours(clock: &ManualClock) -> TestApp {
+    let clock = clock.clone();
+    spawn_app_with(move |s| s.clock = Arc::new(clock)).await
+}
+
+/// Waits (5 s at most) until Redis holds a view of the session again (written after the answer
+/// to a miss), and returns it.
+async fn wait_for_cached_view(
+    app: &TestApp,
+    hash: &token_broker::domain::SessionIdHash,
+) -> token_broker::store::CachedSession {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let CacheLookup::Live(view) = app.broker.cache.get(hash).await.unwrap() {
+            return view;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view was not cached again within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cache_miss_leaves_a_recent_stored_time_for_the_next_use_to_write_and_writes_an_old_one_at_once(
+) {
+    // Arrange: logged in at T (PostgreSQL's time); at T+5 min Redis has lost its keys.
+    let clock = manual_clock();
+    let app = spawn_app_idle_12_hours(&clock).await;
+    let browser = app.logged_in_browser("alice").await;
+    let login_time = stored_last_seen(&app, &browser).await.unwrap();
+    clock.advance(Duration::minutes(5));
+    delete_redis_keys(&app).await;
+
+    // Act: the miss.
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+
+    // Assert: the view is cached again with this use's time; no write is queued, and
+    // PostgreSQL keeps the login time (5 minutes behind, under the 72-minute miss interval).
+    let now = token_broker::clock::Clock::now(&clock);
+    let view = wait_for_cached_view(&app, &session_hash(&browser)).await;
+    assert_eq!(view.last_seen_at, now);
+    assert!(app.broker.touches.is_empty());
+    assert_eq!(stored_last_seen(&app, &browser).await, Some(login_time));
+
+    // And the next use past the touch interval, served from that view, writes its time.
+    let used_at = use_and_wait_for_its_write(&app, &browser, &clock, 2).await;
+
+    // And a miss that finds PostgreSQL's time 72 minutes old writes the use at once.
+    clock.advance(Duration::minutes(72));
+    delete_redis_keys(&app).await;
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+    let now = token_broker::clock::Clock::now(&clock);
+    wait_for_stored_last_seen(&app, &browser, used_at, now).await;
+}
+
+#[tokio::test]
+async fn a_session_whose_last_use_was_a_miss_never_outlives_its_stored_time_by_the_idle_timeout() {
+    // Arrange: logged in at T; used at T+30 min through a miss, which left PostgreSQL at T.
+    let clock = manual_clock();
+    let app = spawn_app_idle_12_hours(&clock).await;
+    let browser = app.logged_in_browser("alice").await;
+    clock.advance(Duration::minutes(30));
+    delete_redis_keys(&app).await;
+    assert_eq!(app.get_session(&browser).await.status(), 200);
+    assert!(app.broker.touches.is_empty());
+    wait_for_cached_view(&app, &session_hash(&browser)).await;
+
+    // Act: 12 hours after the login, with no use since the miss, Redis loses its keys again.
+    clock.advance(Duration::hours(12) - Duration::minutes(30));
+    delete_redis_keys(&app).await;
+
+    // Assert: the session ended by PostgreSQL's time (30 minutes, under a tenth of the idle
+    // timeout, before its exact idle end): early, never late.
+    assert_problem(app.get_session(&browser).await, 401).await;
+    assert_eq!(app.session_rows().await, 0);
+}
+
 #[tokio::test]
 async fn a_cache_miss_looks_up_the_activity_row_only_when_the_sessions_own_time_cannot_prove_it_live(
 ) {
@@ -1245,12 +1326,7 @@ async fn a_missed_view_is_cached_again_after_the_answer_and_never_over_a_logout(
 
     // Assert: the view is back in Redis soon after the answer; the ended session's key is its
     // tombstone, and stays one after every write in flight has had time to land.
-    let mut waited = 0;
-    while !matches!(cache.get(&kept_hash).await.unwrap(), CacheLookup::Live(_)) {
-        assert!(waited < 100, "the view was not cached again within 5 s");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        waited += 1;
-    }
+    wait_for_cached_view(&app, &kept_hash).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(cache.get(&ended_hash).await.unwrap(), CacheLookup::Ended);
     assert_problem(app.get_session(&ended).await, 401).await;
