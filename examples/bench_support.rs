@@ -15,7 +15,8 @@
 //! - `logins BROKER_URL COUNT CONCURRENCY`: COUNT logins (`/login` → the IdP's form →
 //!   `/callback`, each a new browser) from CONCURRENCY workers; prints `logins failed seconds`.
 //! - `seed-sessions DATABASE_URL ENCRYPTION_KEYS COUNT COOKIE_FILE`: COUNT live sessions, last used
-//!   five minutes ago (so their next use writes a last-seen time), written
+//!   five minutes ago (past the touch interval: their next use is due to slide the idle timeout;
+//!   read on a cache miss, that is the re-cached view's, not a PostgreSQL write, since 2026-12-07), written
 //!   to PostgreSQL as the broker writes them (sealed under the key), their cookies to COOKIE_FILE.
 //! - `fixed-rate URL COOKIE_FILE RATE SECONDS`: GET URL at RATE requests a second for SECONDS,
 //!   each with a random `session` cookie from COOKIE_FILE, whether or not earlier ones were
@@ -164,10 +165,12 @@ async fn seed_sessions(
                     }),
                     created_at: now - chrono::Duration::minutes(5),
                     // Last used longer ago than the touch interval (a minute by default): a
-                    // returning user, whose first request after a Redis flush queues a last-seen
-                    // write, as in service. Seeded as just used, the sessions seeded within a
-                    // minute of a run cost no write in it, and how many those were depended on
-                    // how long the seeding took.
+                    // returning user, whose first request after a Redis flush slides the idle
+                    // timeout, as in service. Seeded as just used, the sessions seeded within a
+                    // minute of a run would not, and how many those were depended on how long
+                    // the seeding took. Within the miss interval (72 minutes by default), so a
+                    // build since 2026-12-07 caches that use's time without writing it to
+                    // PostgreSQL (src/flows/session.rs); earlier builds wrote each.
                     last_seen_at: now - chrono::Duration::minutes(5),
                     expires_at: now + chrono::Duration::hours(12),
                 };
