@@ -49,6 +49,41 @@ pub struct Broker {
     pub touches: touch::TouchQueue,
 }
 
+/// A broker on process-local stores with a manual clock, for the flows' unit tests: an https
+/// broker for `app.example.com`, idle timeout 1 h, lifetime 1 d, as `configure` leaves it.
+#[cfg(test)]
+pub(crate) fn in_memory_broker(
+    clock: crate::clock::ManualClock,
+    configure: impl FnOnce(&mut Config),
+) -> Broker {
+    let settings = crate::config::Settings {
+        public_url: Some("https://app.example.com/auth".into()),
+        oidc_issuer: Some("https://idp.example.com".into()),
+        client_id: Some("broker".into()),
+        allowed_origins: Some("https://app.example.com".into()),
+        encryption_keys: Some(crate::crypto::EncryptionKey::generate().secret_base64()),
+        database_url: Some("postgres://localhost/unused".into()),
+        redis_url: Some("redis://localhost".into()),
+        session_idle_timeout: Some("1h".into()),
+        session_max_lifetime: Some("1d".into()),
+        ..Default::default()
+    };
+    let mut config = Config::from_settings(&settings).unwrap();
+    configure(&mut config);
+    let clock: Arc<dyn Clock> = Arc::new(clock);
+    let stores = crate::startup::Stores::in_memory(clock.clone());
+    Broker {
+        provider: Arc::new(Provider::new(&config).unwrap()),
+        config: Arc::new(config),
+        logins: stores.logins,
+        cache: stores.cache,
+        sessions: stores.sessions,
+        clock,
+        metrics: Default::default(),
+        touches: Default::default(),
+    }
+}
+
 /// The `login_error` codes a frontend can see (SPEC "Login errors the frontend can see").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginErrorCode {

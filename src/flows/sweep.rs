@@ -136,41 +136,12 @@ pub type SweepTask = super::BackgroundTask;
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::config::{Config, Settings};
-    use crate::crypto::EncryptionKey;
     use crate::domain::{IdToken, SessionId, UserClaims};
-    use crate::oidc::Provider;
-    use crate::startup::Stores;
     use crate::store::{CacheLookup, Replacing, SessionRecord};
     use chrono::Utc;
 
     fn broker(clock: ManualClock, batch: i64) -> Broker {
-        let settings = Settings {
-            public_url: Some("https://app.example.com/auth".into()),
-            oidc_issuer: Some("https://idp.example.com".into()),
-            client_id: Some("broker".into()),
-            allowed_origins: Some("https://app.example.com".into()),
-            encryption_keys: Some(EncryptionKey::generate().secret_base64()),
-            database_url: Some("postgres://localhost/unused".into()),
-            redis_url: Some("redis://localhost".into()),
-            session_idle_timeout: Some("1h".into()),
-            session_max_lifetime: Some("1d".into()),
-            ..Settings::default()
-        };
-        let mut config = Config::from_settings(&settings).unwrap();
-        config.sweep_batch = batch;
-        let clock: Arc<dyn crate::clock::Clock> = Arc::new(clock);
-        let stores = Stores::in_memory(clock.clone());
-        Broker {
-            provider: Arc::new(Provider::new(&config).unwrap()),
-            config: Arc::new(config),
-            logins: stores.logins,
-            cache: stores.cache,
-            sessions: stores.sessions,
-            clock,
-            metrics: Default::default(),
-            touches: Default::default(),
-        }
+        super::super::in_memory_broker(clock, |config| config.sweep_batch = batch)
     }
 
     /// A session created `age` ago and last used `idle` ago, cached as live.
