@@ -5,7 +5,7 @@
 /// `/session` and `/auth`); and it hands memory back that a load spike used (its dirty pages decay
 /// within seconds), where glibc's heap kept a 1,000-connection run's peak resident. README,
 /// "Choices", has the measurements and why not mimalloc.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(not(target_env = "msvc"), not(fuzzing)))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
